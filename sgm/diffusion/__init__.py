@@ -1,0 +1,19 @@
+"""The math of diffusion, without weights: schedules, preconditioning, guidance, samplers, losses."""
+
+from .denoiser import Denoiser, DiscreteDenoiser
+from .discretization import EDMDiscretization, LegacyDDPMDiscretization, make_beta_schedule
+from .guiders import DynamicThresholding, IdentityGuider, IntervalCFG, RescaledCFG, VanillaCFG
+from .loss import StandardDiffusionLoss
+from .loss_weighting import EDMWeighting, EpsWeighting, MinSNRWeighting, UnitWeighting, VWeighting
+from .samplers import (
+    DPMPP2MSampler,
+    DPMPP2SAncestralSampler,
+    EulerAncestralSampler,
+    EulerEDMSampler,
+    HeunEDMSampler,
+    LinearMultistepSampler,
+)
+from .scaling import EDMScaling, EpsScaling, VScaling, VScalingWithEDMcNoise
+from .sigma_sampling import DiscreteSampling, EDMSampling
+
+__all__ = [name for name in dir() if not name.startswith("_")]
