@@ -81,3 +81,59 @@ class GaussianMixture:
         m = self.mean(w)
         second = torch.einsum("k,k...->...", w, self.means**2) + self.std**2
         return second - m**2
+
+
+# Segments of a seven-segment display: (row0, col0, row1, col1) in units of a 5x3 grid.
+_SEGMENTS = {
+    "a": (0, 0, 0, 2), "b": (0, 2, 2, 2), "c": (2, 2, 4, 2), "d": (4, 0, 4, 2),
+    "e": (2, 0, 4, 0), "f": (0, 0, 2, 0), "g": (2, 0, 2, 2),
+}
+_DIGIT_SEGMENTS = ["abcdef", "bc", "abged", "abgcd", "fgbc", "afgcd", "afgedc", "abc", "abcdefg", "abcdfg"]
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def seven_segment_glyphs(size: int = 16) -> torch.Tensor:
+    """The ten digits drawn as seven-segment glyphs in [-1, 1], shape [10, 1, size, size]."""
+    if size < 8:
+        raise ValueError(f"size must be >= 8 to draw the glyphs, got {size}")
+    glyphs = -torch.ones(10, 1, size, size, dtype=torch.float64)
+    top, left = size // 8, size // 4
+    h, w = (size - 2 * top) / 4, (size - 2 * left) / 2
+    thick = max(1, size // 12)
+    for digit, segs in enumerate(_DIGIT_SEGMENTS):
+        for seg in segs:
+            r0, c0, r1, c1 = _SEGMENTS[seg]
+            y0, y1 = top + round(r0 * h), top + round(r1 * h)
+            x0, x1 = left + round(c0 * w), left + round(c1 * w)
+            glyphs[digit, 0, y0 : max(y1, y0 + thick - 1) + 1, x0 : max(x1, x0 + thick - 1) + 1] = 1.0
+    return glyphs
+
+
+class SevenSegmentMixture(GaussianMixture):
+    """A text-to-image toy with an exact denoiser: one mixture component per digit glyph.
+
+    A prompt that names a digit ("a seven-segment 3", "the digit seven") selects its
+    component; any other prompt (and the empty one) is unconditional.
+    """
+
+    def __init__(self, size: int = 16, std: float = 0.15):
+        super().__init__(seven_segment_glyphs(size), std=std)
+        self.size = size
+
+    def prompt_weights(self, prompt: str) -> torch.Tensor:
+        """Component weights [10] for ``prompt``: one-hot on the digit it names, else the prior."""
+        words = prompt.lower().replace(",", " ").replace(".", " ").split()
+        for word in words:
+            if word.isdigit() and len(word) == 1:
+                return torch.nn.functional.one_hot(torch.tensor(int(word)), 10).double()
+            if word in DIGIT_WORDS:
+                return torch.nn.functional.one_hot(torch.tensor(DIGIT_WORDS.index(word)), 10).double()
+        return self.weights.clone()
+
+    def condition(self, prompts: list[str]) -> dict:
+        return {"class_weights": torch.stack([self.prompt_weights(p) for p in prompts])}
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples in [-1, 1] to uint8 images [B, H, W, 3]."""
+        img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return img.permute(0, 2, 3, 1).expand(-1, -1, -1, 3).contiguous()

@@ -1,0 +1,15 @@
+"""Sample images: `python run.py [sampler=euler] [guider.scale=5] [prompt="..."]` (see conf/sample.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
+def main(cfg: DictConfig) -> dict:
+    from sgm.tasks.sample import run
+
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
