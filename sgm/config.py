@@ -43,6 +43,17 @@ SGM_ALIASES: dict[str, str] = {
     f"{_DM}.loss_weighting.VWeighting": "sgm.diffusion.loss_weighting.VWeighting",
     f"{_DM}.loss_weighting.EpsWeighting": "sgm.diffusion.loss_weighting.EpsWeighting",
     f"{_DM}.loss.StandardDiffusionLoss": "sgm.diffusion.loss.StandardDiffusionLoss",
+    f"{_DM}.openaimodel.UNetModel": "sgm.networks.openaimodel.UNetModel",
+    f"{_DM}.wrappers.OpenAIWrapper": "sgm.engine.OpenAIWrapper",
+    "sgm.models.autoencoder.AutoencoderKL": "sgm.networks.autoencoder.AutoencoderKL",
+    "sgm.models.autoencoder.AutoencoderKLInferenceWrapper": "sgm.networks.autoencoder.AutoencoderKL",
+    "sgm.models.autoencoder.IdentityFirstStage": "sgm.networks.autoencoder.IdentityFirstStage",
+    "sgm.models.diffusion.DiffusionEngine": "sgm.engine.DiffusionEngine",
+    "sgm.modules.GeneralConditioner": "sgm.conditioning.GeneralConditioner",
+    "sgm.modules.encoders.modules.GeneralConditioner": "sgm.conditioning.GeneralConditioner",
+    "sgm.modules.encoders.modules.FrozenCLIPEmbedder": "sgm.conditioning.FrozenCLIPEmbedder",
+    "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2": "sgm.conditioning.FrozenOpenCLIPEmbedder2",
+    "sgm.modules.encoders.modules.ConcatTimestepEmbedderND": "sgm.conditioning.ConcatTimestepEmbedderND",
 }
 
 

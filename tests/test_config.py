@@ -112,7 +112,7 @@ def test_run_writes_images_grid_and_metrics(tmp_path):
     out = tmp_path / "run"
     assert len(list(out.glob("0*.png"))) == 10 and (out / "grid.png").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["images"] == 10 and metrics["network_evaluations"] == 8  # one batched (uc + c) call per step
+    assert metrics["images"] == 10 and metrics["network_evaluations_per_batch"] == 8  # one (uc + c) call per step
     from PIL import Image
 
     meta = Image.open(out / "00003.png").text

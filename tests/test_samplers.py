@@ -196,3 +196,14 @@ def test_convergence_order(cls, order):
     errs = _error_table(cls, steps, EDMDiscretization(), gm3, x0)
     slopes = [math.log2(errs[i] / errs[i + 1]) for i in range(len(errs) - 1)]
     assert all(abs(s - order) < 0.35 for s in slopes), (errs, slopes)
+
+
+@pytest.mark.parametrize("cls", [EulerAncestralSampler, DPMPP2SAncestralSampler])
+def test_per_sample_generators_make_each_image_independent_of_its_batch(gm, cls):
+    noise = _noise((3, 2, 4, 4))
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    batch = cls(SDXL_EDM, 5)(_denoise(gm), noise, {}, generator=gens([10, 11, 12]))
+    alone = cls(SDXL_EDM, 5)(_denoise(gm), noise[1:2], {}, generator=gens([11]))
+    torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="generators"):
+        cls(SDXL_EDM, 5)(_denoise(gm), noise, {}, generator=gens([1, 2]))

@@ -13,7 +13,7 @@ from .samplers import (
     HeunEDMSampler,
     LinearMultistepSampler,
 )
-from .scaling import EDMScaling, EpsScaling, VScaling, VScalingWithEDMcNoise
+from .scaling import EDMScaling, EpsScaling, VScaling, VScalingWithEDMcNoise, X0Scaling
 from .sigma_sampling import DiscreteSampling, EDMSampling
 
 __all__ = [name for name in dir() if not name.startswith("_")]

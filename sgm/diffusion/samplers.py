@@ -17,7 +17,7 @@ Crowson's k-diffusion for the ancestral and linear multistep formulations.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from .util import to_d
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
 Callback = Callable[[dict], None]
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
 def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
@@ -82,7 +83,7 @@ class BaseDiffusionSampler:
         cond: dict,
         uc: dict | None = None,
         num_steps: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         callback: Callback | None = None,
     ) -> torch.Tensor:
         """Sample from unit Gaussian noise ``x``; returns the final x0."""
@@ -105,7 +106,7 @@ class BaseDiffusionSampler:
         sigmas: torch.Tensor,
         cond: dict,
         uc: dict | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         callback: Callback | None = None,
     ) -> torch.Tensor:
         """Integrate ``x`` (already at noise level ``sigmas[0]``) through ``sigmas``."""
@@ -128,8 +129,16 @@ class BaseDiffusionSampler:
         return tqdm(range(n), desc=type(self).__name__, disable=not self.verbose, leave=False)
 
     @staticmethod
-    def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Unit Gaussian noise shaped like ``x``, drawn from ``generator`` on its own device."""
+    def noise_like(x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+        """Unit Gaussian noise shaped like ``x``, drawn from ``generator`` on its own device.
+
+        ``generator`` may be a list with one generator per sample: each sample's noise then
+        depends on its own seed only, whatever the batch it is sampled in.
+        """
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != x.shape[0]:
+                raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+            return torch.stack([BaseDiffusionSampler.noise_like(x[i], g) for i, g in enumerate(generator)])
         device = generator.device if generator is not None else x.device
         return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 

@@ -56,3 +56,10 @@ class VScalingWithEDMcNoise(VScaling):
     def __call__(self, sigma: torch.Tensor) -> Coefficients:
         c_skip, c_out, c_in, _ = super().__call__(sigma)
         return c_skip, c_out, c_in, 0.25 * sigma.log()
+
+
+class X0Scaling:
+    """Direct x0 prediction: D = F(x, sigma) (c_skip 0, c_out 1, c_in 1, c_noise sigma)."""
+
+    def __call__(self, sigma: torch.Tensor) -> Coefficients:
+        return torch.zeros_like(sigma), torch.ones_like(sigma), torch.ones_like(sigma), sigma.clone()

@@ -1,38 +1,38 @@
-"""The code behind run.py: build the configured parts, sample every prompt, write the run folder."""
+"""The code behind run.py: build the engine (and refiner), then Trainer.predict over the prompts."""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import platform
-import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 import sgm
 
+from ..checkpoint import load_checkpoint, parse_dtype
+from ..data.prompts import PromptDataModule, make_jobs, read_prompt_file
+from ..engine import DiffusionEngine
+from .writer import ImageWriter
+
 log = logging.getLogger(__name__)
+
+# keys of a model node that say how to load and sample it, not engine arguments
+NON_ENGINE_KEYS = ("checkpoint", "weight_dtype", "noise_range", "H", "W", "default_prompts")
 
 
 def load_prompts(cfg: DictConfig) -> list[str]:
     """The run's prompts: ``prompt_file`` (one per line), else ``prompt``, else ``prompts``."""
     if cfg.get("prompt_file"):
-        path = Path(cfg.prompt_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt_file {str(path)!r} does not exist")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"prompt_file {str(path)!r} has no prompts (one per line)")
-        return prompts
+        return read_prompt_file(cfg.prompt_file)
     if cfg.get("prompt") is not None:
         return [str(cfg.prompt)]
     prompts = cfg.get("prompts")
@@ -41,96 +41,101 @@ def load_prompts(cfg: DictConfig) -> list[str]:
     return [str(p) for p in prompts]
 
 
-def make_grid(images: np.ndarray, columns: int) -> np.ndarray:
-    """Tile uint8 images [N, H, W, C] into one image with ``columns`` columns and a 2-pixel gap."""
-    n, h, w, c = images.shape
-    columns = max(1, min(columns, n))
-    rows = math.ceil(n / columns)
-    gap = 2
-    grid = np.full((rows * (h + gap) + gap, columns * (w + gap) + gap, c), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, columns)
-        y, x = gap + r * (h + gap), gap + col * (w + gap)
-        grid[y : y + h, x : x + w] = img
-    return grid
+def build_engine(model_cfg: DictConfig, seed: int = 0) -> DiffusionEngine:
+    """Instantiate a model node; with ``checkpoint`` set, build on the meta device and load the file.
+
+    ``weight_dtype`` (float32 / float16 / bfloat16) casts the weights; a VAE that is not
+    fp16-safe stays float32 when the rest is float16.
+    """
+    node = OmegaConf.to_container(model_cfg, resolve=True)
+    checkpoint, dtype = node.get("checkpoint"), parse_dtype(node.get("weight_dtype"))
+    for key in NON_ENGINE_KEYS:
+        node.pop(key, None)
+    if checkpoint:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.checkpoint {str(path)!r} does not exist")
+        with torch.device("meta"):
+            engine = instantiate(node)
+        keep = ("first_stage_model.",) if dtype == torch.float16 and not engine.first_stage_fp16_safe else ()
+        load_checkpoint(engine, path, dtype=dtype, keep_float32=keep)
+    else:
+        torch.manual_seed(seed)
+        engine = instantiate(node)
+        if dtype is not None:
+            vae_dtype = torch.float32 if dtype == torch.float16 and not engine.first_stage_fp16_safe else dtype
+            engine.to(dtype)
+            engine.first_stage_model.to(vae_dtype)
+    return engine.eval()
 
 
 def provenance(cfg: DictConfig) -> dict[str, str]:
-    return {
-        "sgm": sgm.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "config": OmegaConf.to_yaml(cfg, resolve=True),
-    }
+    import lightning
+
+    return {"sgm": sgm.__version__, "torch": torch.__version__, "lightning": lightning.__version__,
+            "python": platform.python_version(), "config": OmegaConf.to_yaml(cfg, resolve=True)}
 
 
-def _save_png(path: Path, image: np.ndarray, text: dict[str, str]) -> None:
-    if path.exists():
-        raise FileExistsError(f"{path} exists already; refusing to overwrite it")
-    info = PngInfo()
-    for key, value in text.items():
-        info.add_itxt(key, value)
-    Image.fromarray(image).save(path, pnginfo=info)
+def load_init_image(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """An image file as a [1, 3, H, W] tensor in [-1, 1], resized to the output size."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_image {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    except OSError as exc:
+        raise ValueError(f"init_image {str(path)!r} is not a readable image: {exc}") from exc
+    x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    return x[None]
+
+
+def run_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def make_logger(cfg: DictConfig, out_dir: Path) -> Any:
+    if cfg.get("logger") is None:
+        return None
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    group = Path(hc.sweep.dir).name if multirun else None
+    name = f"{group}/{hc.job.num}" if multirun else out_dir.name
+    factory = instantiate(cfg.logger, _partial_=True)  # partial: the run config must not be instantiated
+    return factory(save_dir=str(out_dir), name=name, group=group, run_config=OmegaConf.to_container(cfg, resolve=True))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Sample all prompts with the configured model and sampler; return the metrics."""
+    """Sample every prompt with the configured model and sampler; return the metrics."""
+    # validate everything cheap before building anything
     prompts = load_prompts(cfg)
-    n_per = int(cfg.num_images_per_prompt)
-    batch_size = int(cfg.batch_size)
-    if n_per < 1 or batch_size < 1:
-        raise ValueError("num_images_per_prompt and batch_size must be >= 1")
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
+    jobs = make_jobs(prompts, str(cfg.negative_prompt or ""), int(cfg.seed), int(cfg.num_images_per_prompt),
+                     cfg.get("wildcards_dir"))
     sampler = instantiate(cfg.sampler)
-    model = instantiate(cfg.model)
+    out_dir = run_dir()
+    init_image = load_init_image(cfg.init_image, int(cfg.H), int(cfg.W)) if cfg.get("init_image") else None
+
+    engine = build_engine(cfg.model, seed=int(cfg.seed))
+    engine.sampler = sampler
+    refiner = None
+    if cfg.get("refiner") is not None:
+        refiner = build_engine(cfg.refiner, seed=int(cfg.seed))
+    engine.configure_prediction(int(cfg.H), int(cfg.W), strength=float(cfg.strength), refiner=refiner,
+                                refiner_switch=float(cfg.refiner_switch), aesthetic_score=float(cfg.aesthetic_score),
+                                negative_aesthetic_score=float(cfg.negative_aesthetic_score))
+    if init_image is not None:
+        engine.set_init_image(init_image)
     log.info("sampler: %r", sampler)
 
-    jobs = [(p, i) for p in prompts for i in range(n_per)]
-    seeds = [int(cfg.seed) + k for k in range(len(jobs))]
-    meta = provenance(cfg)
-    nfe = 0
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
-        nonlocal nfe
-        nfe += 1
-        return model(x, sigma, cond)
-
-    images = []
-    start = time.perf_counter()
-    for b0 in range(0, len(jobs), batch_size):
-        batch = jobs[b0 : b0 + batch_size]
-        batch_seeds = seeds[b0 : b0 + batch_size]
-        noise = torch.stack([
-            torch.randn(model.data_shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-            for s in batch_seeds
-        ])
-        cond = model.condition([p for p, _ in batch])
-        uc = model.condition([str(cfg.negative_prompt)] * len(batch))
-        generator = torch.Generator().manual_seed(batch_seeds[0])
-        with torch.inference_mode():
-            x = sampler(denoise, noise, cond, uc, generator=generator)
-        images.append(model.to_images(x).numpy())
-    seconds = time.perf_counter() - start
-    images_np = np.concatenate(images)
-
-    for k, ((prompt, _), seed, img) in enumerate(zip(jobs, seeds, images_np)):
-        _save_png(out_dir / f"{k:05d}.png", img, {"prompt": prompt, "negative_prompt": str(cfg.negative_prompt),
-                                                  "seed": str(seed), **meta})
-    _save_png(out_dir / "grid.png", make_grid(images_np, int(cfg.grid_columns)), meta)
-
-    metrics = {
-        "images": len(jobs),
-        "seconds": seconds,
-        "seconds_per_image": seconds / len(jobs),
-        "network_evaluations": nfe,
-        "network_evaluations_per_batch": nfe / math.ceil(len(jobs) / batch_size),
-        "steps": int(cfg.steps),
-        "sampler": type(sampler).__name__,
-        "seed": int(cfg.seed),
-    }
-    metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
-    log.info("wrote %d images, grid.png and metrics.json to %s", len(jobs), out_dir)
-    return metrics
+    writer = ImageWriter(out_dir, len(jobs), provenance(cfg), int(cfg.grid_columns),
+                         extra_metrics={"steps": int(cfg.steps), "sampler": type(sampler).__name__,
+                                        "seed": int(cfg.seed), "H": int(cfg.H), "W": int(cfg.W)})
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer], logger=make_logger(cfg, out_dir) or False)
+    trainer.predict(engine, datamodule=PromptDataModule(jobs, int(cfg.batch_size)), return_predictions=False)
+    for lg in trainer.loggers:
+        if hasattr(lg, "experiment"):
+            try:
+                lg.experiment.finish()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not close the W&B run: %s", exc)
+    return writer.metrics

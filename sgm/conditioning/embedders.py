@@ -1,0 +1,179 @@
+"""The embedder base class and the CLIP BPE tokenization shared by both text encoders.
+
+An embedder turns one batch entry (``batch[input_key]``) into conditioning tensors. The
+routing attributes (``input_key``, ``is_trainable``, ``ucg_rate``, ``legacy_ucg_val``) are
+the ones of Stability AI's ``AbstractEmbModel``; they are constructor keywords here so
+that Hydra can build an embedder in one call.
+
+Tokenization (reference/FORMATS.md, "Conditioning"): CLIP BPE from the vocabulary that
+ships inside open_clip (nothing is downloaded), BOS 49406, EOS 49407, length 77, long
+prompts truncated with EOS kept last. CLIP-L pads with 49407 and cleans text like the
+transformers ``CLIPTokenizer`` (ftfy, whitespace, lower case); bigG pads with 0 and cleans
+like ``open_clip.tokenize`` (ftfy, HTML unescape, whitespace, lower case).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+BOS_ID = 49406
+EOS_ID = 49407
+CONTEXT_LENGTH = 77
+
+
+class AbstractEmbModel(nn.Module):
+    """Base of all embedders: routing attributes read by :class:`GeneralConditioner`.
+
+    ``input_key``: the batch entry this embedder reads (``input_keys`` for several).
+    ``is_trainable``: False runs it under ``torch.no_grad`` and freezes it.
+    ``ucg_rate``: per-sample probability of dropping the conditioning in training
+    (unconditional guidance training); ``legacy_ucg_val``: when set, dropping replaces
+    the input (e.g. the prompt by ``""``) instead of zeroing the output.
+    """
+
+    def __init__(
+        self,
+        input_key: str | None = None,
+        is_trainable: bool = False,
+        ucg_rate: float = 0.0,
+        legacy_ucg_val: Any = None,
+        input_keys: Sequence[str] | None = None,
+    ):
+        super().__init__()
+        ucg_rate = float(ucg_rate)
+        if not 0.0 <= ucg_rate <= 1.0:
+            raise ValueError(f"ucg_rate must be in [0, 1], got {ucg_rate!r}")
+        self.input_key = input_key
+        self.input_keys = list(input_keys) if input_keys is not None else None
+        self.is_trainable = bool(is_trainable)
+        self.ucg_rate = ucg_rate
+        self.legacy_ucg_val = legacy_ucg_val
+        self._frozen = False
+        self.register_load_state_dict_post_hook(_after_load)
+
+    def freeze(self) -> "AbstractEmbModel":
+        """No gradients, eval mode, and ``train()`` keeps it in eval mode from now on."""
+        self._frozen = True
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode: bool = True) -> "AbstractEmbModel":
+        return super().train(mode and not getattr(self, "_frozen", False))
+
+    def output_widths(self, input_width: int | None = None) -> dict[str, int]:
+        """Feature width per output kind (``crossattn`` / ``vector`` / ``concat``) without running it.
+
+        ``input_width`` is the number of values per sample of the input, for embedders
+        whose output width depends on it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not report its output widths")
+
+    def materialize_buffers(self) -> None:
+        """Recompute derived buffers that are still on the meta device (after ``load_state_dict(assign=True)``)."""
+
+    def _weight_device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+
+def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    module.materialize_buffers()
+
+
+def add_state_dict_hooks(module: nn.Module, save: Callable | None = None, load_pre: Callable | None = None) -> None:
+    """Register ``save(module, state_dict, prefix, local_metadata)`` after ``state_dict()`` and
+    ``load_pre(module, state_dict, prefix, ...)`` before ``load_state_dict`` (public API, or the
+    older private one on torch < 2.5)."""
+    if save is not None:
+        if hasattr(module, "register_state_dict_post_hook"):
+            module.register_state_dict_post_hook(save)
+        else:  # pragma: no cover - old torch
+            module._register_state_dict_hook(save)
+    if load_pre is not None:
+        if hasattr(module, "register_load_state_dict_pre_hook"):
+            module.register_load_state_dict_pre_hook(load_pre)
+        else:  # pragma: no cover - old torch
+            module._register_load_state_dict_pre_hook(load_pre, with_module=True)
+
+
+def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive causal attention mask (``-inf`` above the diagonal), as open_clip builds it."""
+    return torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu_(1)
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+@functools.lru_cache(maxsize=None)
+def _bpe() -> Any:
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def _clean_open_clip(text: str) -> str:
+    from open_clip.tokenizer import basic_clean, whitespace_clean
+
+    return whitespace_clean(basic_clean(text)).lower()
+
+
+def _clean_transformers(text: str) -> str:
+    import ftfy
+    from open_clip.tokenizer import whitespace_clean
+
+    return whitespace_clean(ftfy.fix_text(text)).lower()
+
+
+_CLEANERS = {"open_clip": _clean_open_clip, "transformers": _clean_transformers}
+
+
+def bpe_encode(text: str, clean: Literal["open_clip", "transformers"] = "open_clip") -> list[int]:
+    """BPE ids of ``text`` without BOS/EOS."""
+    import regex
+
+    tok = _bpe()
+    ids: list[int] = []
+    for word in regex.findall(tok.pat, _CLEANERS[clean](text)):
+        word = "".join(tok.byte_encoder[b] for b in word.encode("utf-8"))
+        ids.extend(tok.encoder[piece] for piece in tok.bpe(word).split(" "))
+    return ids
+
+
+def as_text_list(text: Any) -> list[str]:
+    """A prompt or a batch of prompts as a list of strings."""
+    if isinstance(text, str):
+        return [text]
+    if isinstance(text, Sequence) or hasattr(text, "__iter__"):
+        texts = list(text)
+        bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"prompts must be strings, got {bad[0]}")
+        return texts
+    raise TypeError(f"expected a prompt or a list of prompts, got {type(text).__name__}")
+
+
+def tokenize(
+    text: str | Sequence[str],
+    max_length: int = CONTEXT_LENGTH,
+    pad_id: int = 0,
+    clean: Literal["open_clip", "transformers"] = "open_clip",
+) -> torch.Tensor:
+    """[B, max_length] int64 tokens: BOS, BPE ids (truncated), EOS, then ``pad_id``."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    texts = as_text_list(text)
+    out = torch.full((len(texts), max_length), pad_id, dtype=torch.long)
+    for i, t in enumerate(texts):
+        ids = [BOS_ID, *bpe_encode(t, clean)[: max_length - 2], EOS_ID]
+        out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out

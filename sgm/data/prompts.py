@@ -1,0 +1,108 @@
+"""Prompts for sampling: command line, text file, wildcards; a LightningDataModule over them."""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+WILDCARD = re.compile(r"__([A-Za-z0-9_\-/]+)__")
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt per non-empty line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt_file {str(path)!r} does not exist")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt_file {str(path)!r} has no prompts (one per line)")
+    return prompts
+
+
+def _wildcard_lines(name: str, directory: Path, cache: dict[str, list[str]]) -> list[str]:
+    if name not in cache:
+        path = directory / f"{name}.txt"
+        if not path.is_file():
+            raise FileNotFoundError(f"wildcard __{name}__ needs the file {path} (one option per line)")
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+        if not lines:
+            raise ValueError(f"wildcard file {path} has no options")
+        cache[name] = lines
+    return cache[name]
+
+
+def resolve_wildcards(prompt: str, rng: random.Random, directory: str | Path, max_depth: int = 10,
+                      cache: dict[str, list[str]] | None = None) -> str:
+    """Replace each ``__name__`` by a random line of ``directory/name.txt`` (nested up to ``max_depth``)."""
+    directory, cache = Path(directory), {} if cache is None else cache
+    for _ in range(max_depth):
+        if not WILDCARD.search(prompt):
+            return prompt
+        prompt = WILDCARD.sub(lambda m: rng.choice(_wildcard_lines(m.group(1), directory, cache)), prompt)
+    if WILDCARD.search(prompt):
+        raise ValueError(f"wildcards nest deeper than {max_depth} levels in {prompt!r}")
+    return prompt
+
+
+@dataclass
+class PromptJob:
+    index: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+
+
+def make_jobs(prompts: Sequence[str], negative_prompt: str = "", seed: int = 0, num_images_per_prompt: int = 1,
+              wildcards_dir: str | Path | None = None) -> list[PromptJob]:
+    """Expand prompts into one job per image; image k gets seed + k and its own wildcard draw."""
+    if num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+    jobs, cache = [], {}
+    for prompt in prompts:
+        for _ in range(num_images_per_prompt):
+            k = len(jobs)
+            text = prompt
+            if WILDCARD.search(prompt):
+                if wildcards_dir is None:
+                    raise ValueError(f"prompt {prompt!r} uses wildcards but no wildcards_dir is set")
+                text = resolve_wildcards(prompt, random.Random(seed + k), wildcards_dir, cache=cache)
+            neg = negative_prompt
+            if WILDCARD.search(neg) and wildcards_dir is not None:
+                neg = resolve_wildcards(neg, random.Random(seed + k + 1_000_003), wildcards_dir, cache=cache)
+            jobs.append(PromptJob(k, text, neg, seed + k))
+    return jobs
+
+
+class _Jobs(Dataset):
+    def __init__(self, jobs: list[PromptJob]):
+        self.jobs = jobs
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int) -> PromptJob:
+        return self.jobs[i]
+
+
+def collate_jobs(items: list[PromptJob]) -> dict[str, Any]:
+    return {"index": [j.index for j in items], "prompt": [j.prompt for j in items],
+            "negative_prompt": [j.negative_prompt for j in items], "seed": [j.seed for j in items]}
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Serves prompt jobs for ``Trainer.predict``; with DDP, Lightning's sampler splits them."""
+
+    def __init__(self, jobs: list[PromptJob], batch_size: int = 4):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.jobs, self.batch_size = jobs, batch_size
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(_Jobs(self.jobs), batch_size=self.batch_size, shuffle=False, collate_fn=collate_jobs)
