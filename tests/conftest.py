@@ -10,7 +10,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# tiny shapes: one thread is fastest, and immune to OpenMP oversubscription on a busy machine
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -94,7 +94,11 @@ class AutoencoderKL(nn.Module):
 
     @staticmethod
     def _check_lossconfig(lossconfig: Any) -> None:
-        if lossconfig is None:
+        if lossconfig is None or isinstance(lossconfig, nn.Identity):
+            return
+        if isinstance(lossconfig, nn.Module):
+            log.warning("AutoencoderKL: loss module %s ignored (no autoencoder training losses here)",
+                        type(lossconfig).__name__)
             return
         cfg = as_dict(lossconfig, "lossconfig")
         target = cfg.get("target", cfg.get("_target_"))

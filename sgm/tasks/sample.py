@@ -41,6 +41,12 @@ def load_prompts(cfg: DictConfig) -> list[str]:
     return [str(p) for p in prompts]
 
 
+def engine_node(model_cfg: Any) -> dict:
+    """A model node without the keys that configure loading and sampling (what Hydra may build)."""
+    node = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
+    return {k: v for k, v in node.items() if k not in NON_ENGINE_KEYS}
+
+
 def build_engine(model_cfg: DictConfig, seed: int = 0) -> DiffusionEngine:
     """Instantiate a model node; with ``checkpoint`` set, build on the meta device and load the file.
 
@@ -49,8 +55,7 @@ def build_engine(model_cfg: DictConfig, seed: int = 0) -> DiffusionEngine:
     """
     node = OmegaConf.to_container(model_cfg, resolve=True)
     checkpoint, dtype = node.get("checkpoint"), parse_dtype(node.get("weight_dtype"))
-    for key in NON_ENGINE_KEYS:
-        node.pop(key, None)
+    node = engine_node(node)
     if checkpoint:
         path = Path(checkpoint)
         if not path.is_file():
@@ -59,6 +64,7 @@ def build_engine(model_cfg: DictConfig, seed: int = 0) -> DiffusionEngine:
             engine = instantiate(node)
         keep = ("first_stage_model.",) if dtype == torch.float16 and not engine.first_stage_fp16_safe else ()
         load_checkpoint(engine, path, dtype=dtype, keep_float32=keep)
+        engine.to("cpu")  # no copy (the weights are on the CPU now); resets Lightning's device record
     else:
         torch.manual_seed(seed)
         engine = instantiate(node)
@@ -67,6 +73,14 @@ def build_engine(model_cfg: DictConfig, seed: int = 0) -> DiffusionEngine:
             engine.to(dtype)
             engine.first_stage_model.to(vae_dtype)
     return engine.eval()
+
+
+def check_size(model_cfg: DictConfig, height: int, width: int) -> None:
+    """Fail before any model is built when H or W cannot map to whole latent pixels."""
+    ch_mult = OmegaConf.select(model_cfg, "first_stage.ddconfig.ch_mult")
+    factor = 2 ** (len(ch_mult) - 1) if ch_mult else 1
+    if height < factor or width < factor or height % factor or width % factor:
+        raise ValueError(f"H and W must be multiples of {factor} for this model, got {height}x{width}")
 
 
 def provenance(cfg: DictConfig) -> dict[str, str]:
@@ -112,6 +126,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     jobs = make_jobs(prompts, str(cfg.negative_prompt or ""), int(cfg.seed), int(cfg.num_images_per_prompt),
                      cfg.get("wildcards_dir"))
     sampler = instantiate(cfg.sampler)
+    check_size(cfg.model, int(cfg.H), int(cfg.W))
     out_dir = run_dir()
     init_image = load_init_image(cfg.init_image, int(cfg.H), int(cfg.W)) if cfg.get("init_image") else None
 
