@@ -282,15 +282,84 @@ class DiffusionEngine(L.LightningModule):
         generators = [torch.Generator().manual_seed(int(s) + 2) for s in batch["seed"]]
         return sampler.sample(self.denoise, z.to(self.device), sigmas[start:], cond, uc, generator=generators)
 
-    # -- training (the LoRA / full-training issue fills these in) -----------------------
+    # -- training -------------------------------------------------------------------------
+    COND_KEYS = ("crossattn", "vector", "concat")
+
+    def training_conditioning(self, batch: dict) -> dict:
+        """Conditioning for a training batch; an empty caption means the unconditional branch.
+
+        Cached batches carry ``crossattn``/``vector`` (and ``uc_crossattn``/``uc_vector``, the
+        same item's unconditional version); otherwise the conditioner runs. Either way a sample
+        whose caption is "" gets exactly what sampling uses for ``uc`` (zeroed text for SDXL base),
+        so caption dropout trains the branch classifier-free guidance needs.
+        """
+        empty = torch.tensor([not t for t in batch["txt"]], device=self.device) if "txt" in batch else None
+        if any(k in batch for k in self.COND_KEYS):
+            cond = {k: batch[k] for k in self.COND_KEYS if k in batch}
+            if empty is not None and bool(empty.any()):
+                for k in list(cond):
+                    uc = batch.get(f"uc_{k}")
+                    if uc is None:
+                        raise KeyError(f"cached batch has {k} but no uc_{k} for its dropped captions")
+                    cond[k] = torch.where(empty.reshape(-1, *[1] * (cond[k].ndim - 1)), uc, cond[k])
+            return cond
+        cond = self.conditioner(batch)
+        if empty is not None and bool(empty.any()) and self.uc_zero_keys:
+            zeroed = self.conditioner(batch, force_zero_embeddings=self.uc_zero_keys)
+            for k in cond:
+                cond[k] = torch.where(empty.reshape(-1, *[1] * (cond[k].ndim - 1)), zeroed[k], cond[k])
+        return cond
+
+    def training_latents(self, batch: dict) -> torch.Tensor:
+        if "latent" in batch:
+            return batch["latent"].float()
+        return self.encode_first_stage(batch[self.input_key])
+
+    def step_seed(self, base: int, step: int) -> int:
+        """The seed of one training step: a function of (seed, step, rank), so a resumed run
+        draws exactly the noise an uninterrupted one would."""
+        return (int(base) * 1_000_003 + int(step) * 9_973 + int(self.global_rank)) % (2**63 - 1)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.loss_fn is None:
+            raise RuntimeError("this engine has no loss_fn: configure `loss` to train")
+        torch.manual_seed(self.step_seed(self.train_seed, self.global_step))  # adapter dropout, etc.
+        g = torch.Generator().manual_seed(self.step_seed(self.train_seed + 1, self.global_step))
+        x = self.training_latents(batch)
+        cond = self.training_conditioning(batch)
+        loss = self.loss_fn.compute(self.model, self.denoiser, cond, x, generator=g).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0], sync_dist=False)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Deterministic: the noise and sigmas of validation batch i are fixed by i."""
+        g = torch.Generator().manual_seed(self.step_seed(self.train_seed + 2, batch_idx))
+        x = self.training_latents(batch)
+        cond = self.training_conditioning(batch)
+        loss = self.loss_fn.compute(self.model, self.denoiser, cond, x, generator=g).mean()
+        self.log("val/loss", loss, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
+        return loss
+
+    train_seed: int = 0
+
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise RuntimeError("no optimizer configured")
         params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("nothing to train: no parameter requires grad (inject LoRA or enable full training)")
         opt = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
+
+    # small checkpoints: only what trains (adapters, or the UNet in full training) is saved
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["sgm_trainable"] = sorted(trainable)
+
+    strict_loading = False  # resumable checkpoints hold the trainable tensors only
 
 
 def schedule_slice(num_steps: int, strength: float = 1.0,

@@ -75,6 +75,16 @@ def build_engine(model_cfg: DictConfig, seed: int = 0) -> DiffusionEngine:
     return engine.eval()
 
 
+def apply_runtime_settings(cfg: DictConfig) -> None:
+    """Global switches: the attention backend and the number of CPU threads."""
+    if cfg.get("cpu_threads"):
+        torch.set_num_threads(int(cfg.cpu_threads))
+    if cfg.get("attention"):
+        from ..networks.attention import set_attention_backend
+
+        set_attention_backend(str(cfg.attention), force=True)
+
+
 def check_size(model_cfg: DictConfig, height: int, width: int) -> None:
     """Fail before any model is built when H or W cannot map to whole latent pixels."""
     ch_mult = OmegaConf.select(model_cfg, "first_stage.ddconfig.ch_mult")
@@ -130,6 +140,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = run_dir()
     init_image = load_init_image(cfg.init_image, int(cfg.H), int(cfg.W)) if cfg.get("init_image") else None
 
+    apply_runtime_settings(cfg)
     engine = build_engine(cfg.model, seed=int(cfg.seed))
     engine.sampler = sampler
     refiner = None

@@ -1,0 +1,955 @@
+"""Benchmarks: framework overhead of sampling, checkpoint-loading memory, SDXL size on a GPU.
+
+Sections (``--sections``, comma-separated; default ``overhead,load``, plus ``gpu`` when CUDA
+is available or ``--gpu`` is given):
+
+* ``overhead`` (CPU, ``model=tiny``): seconds per step of a full ``engine.sample_latents``
+  run (Euler, CFG) against the bare network evaluations it makes (the same batched inputs,
+  replayed through ``engine.model``), the overhead (sampling - bare) / bare, the
+  framework-only time per step (the same run with a no-op network) and where it goes.
+* ``load`` (CPU): peak RSS while ``build_engine`` loads a safetensors checkpoint
+  (``model.checkpoint=PATH``), in a fresh subprocess, against the file size; the tiny
+  model and a mid-size UNet (``MID_OVERRIDES``); ``--sdxl-load`` adds SDXL base in float16.
+* ``gpu``: SDXL base at 1024x1024 in bfloat16 with SDPA attention, random (seeded)
+  weights: seconds per image (30 Euler steps, CFG), UNet time per step, VAE decode time,
+  peak GPU memory; the refiner UNet's time per step. It never imports Hydra/OmegaConf (the
+  parts are built from the YAML files with PyYAML), so it runs where only torch,
+  lightning, transformers, open_clip and PyYAML are installed. ``--gpu-dry-run`` runs the
+  same code on the CPU with the tiny YAMLs (64x64, 2 steps, float32, Hydra import blocked)
+  and builds SDXL base and refiner on the meta device from their YAMLs.
+
+Usage:
+
+    python experiments/benchmark.py --out docs/benchmarks.md             # CPU sections
+    python experiments/benchmark.py --gpu-dry-run                         # check the GPU path on CPU
+    python experiments/benchmark.py --sections gpu --gpu-json gpu.json --out gpu.md   # on a GPU machine
+    python experiments/benchmark.py --render-gpu-json gpu.json --out docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import gc
+import importlib
+import io
+import json
+import math
+import os
+import platform
+import pstats
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+if str(ROOT) not in sys.path:  # the GPU machine may run the repository without installing it
+    sys.path.insert(0, str(ROOT))
+
+THREADS = 2
+PROMPT = "a photograph of an astronaut riding a horse"
+# A mid-size UNet on the tiny conditioner/VAE: ~74M parameters, ~315 MB in float32.
+MID_OVERRIDES = ["model.network.model_channels=96", "model.network.channel_mult=[1,2,4]",
+                 "model.network.attention_resolutions=[2,4]", "model.network.transformer_depth=[0,2,2]",
+                 "model.network.num_res_blocks=2", "model.network.num_head_channels=32"]
+NON_ENGINE_KEYS = ("checkpoint", "weight_dtype", "noise_range", "H", "W", "default_prompts")
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------------------
+# markdown output
+# ----------------------------------------------------------------------------------------
+DOC_HEADER = """# Benchmarks
+
+Produced by `experiments/benchmark.py`; each section names the command that reproduces it.
+A section is replaced in place when its command is rerun with `--out docs/benchmarks.md`.
+"""
+
+GPU_PLACEHOLDER = """Not measured yet (no GPU where the CPU sections ran). On a CUDA machine run
+
+    python experiments/benchmark.py --sections gpu --gpu-json gpu.json --out docs/benchmarks.md
+
+(or `--render-gpu-json gpu.json --out docs/benchmarks.md` afterwards, on any machine, from the JSON file)."""
+
+SECTION_TITLES = {"overhead": "Framework overhead of sampling (tiny model, CPU)",
+                  "load": "Peak memory when loading a checkpoint (CPU)",
+                  "gpu": "SDXL-size on GPU"}
+SECTION_ORDER = ["overhead", "load", "gpu"]
+
+
+def _markers(key: str) -> tuple[str, str]:
+    return f"<!-- benchmark:{key}:start -->", f"<!-- benchmark:{key}:end -->"
+
+
+def write_sections(path: Path, sections: dict[str, str]) -> None:
+    """Replace (or add, in SECTION_ORDER) the marked sections of ``path``; add the GPU placeholder if missing."""
+    text = path.read_text() if path.is_file() else DOC_HEADER
+    sections = dict(sections)
+    if "gpu" not in sections and _markers("gpu")[0] not in text:
+        sections["gpu"] = GPU_PLACEHOLDER
+    for key in SECTION_ORDER:
+        if key not in sections:
+            continue
+        start, end = _markers(key)
+        block = f"{start}\n## {SECTION_TITLES[key]}\n\n{sections[key].strip()}\n{end}"
+        if start in text and end in text:
+            text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        else:
+            text = text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.rstrip() + "\n")
+    log(f"wrote {path}")
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def machine_line() -> str:
+    import torch
+
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    return (f"{cpu}, {os.cpu_count()} cores{mem}, torch.set_num_threads({THREADS}); "
+            f"torch {torch.__version__}, Python {platform.python_version()}, {platform.system()}")
+
+
+def command_line(args: argparse.Namespace, section: str) -> str:
+    extra = []
+    if section == "overhead":
+        if args.steps != 20:
+            extra.append(f"--steps {args.steps}")
+        if args.repeats != 7:
+            extra.append(f"--repeats {args.repeats}")
+    if section == "load" and args.sdxl_load:
+        extra.append("--sdxl-load")
+    return " ".join(["python experiments/benchmark.py", f"--sections {section}", *extra, "--out docs/benchmarks.md"])
+
+
+# ----------------------------------------------------------------------------------------
+# Hydra-free model building (used by the GPU section; also shows nothing here needs Hydra)
+# ----------------------------------------------------------------------------------------
+def block_hydra() -> None:
+    """Make ``import hydra`` / ``import omegaconf`` fail, as on a machine without them."""
+    for name in ("hydra", "omegaconf"):
+        if name in sys.modules and sys.modules[name] is not None:
+            raise RuntimeError(f"{name} was imported before it could be blocked")
+        sys.modules[name] = None  # type: ignore[assignment]
+
+
+def read_yaml(path: Path) -> Any:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def compose_model_yaml(name: str) -> dict:
+    """conf/model/<name>.yaml with its ``defaults`` (``/group@package: option``) filled in, as Hydra composes it."""
+    raw = read_yaml(CONF / "model" / f"{name}.yaml")
+    node: dict[str, Any] = {}
+    for entry in raw.pop("defaults", []):
+        if entry == "_self_":
+            continue
+        ((key, option),) = entry.items()
+        group, _, package = key.lstrip("/").partition("@")
+        part = read_yaml(CONF / group / f"{option}.yaml")
+        if isinstance(part, dict) and "defaults" in part:
+            raise ValueError(f"conf/{group}/{option}.yaml has nested defaults; not supported without Hydra")
+        node[package or group] = part
+    node.update(raw)
+    return node
+
+
+def locate(path: str) -> Any:
+    module, _, attr = path.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def instantiate_node(node: Any) -> Any:
+    """A minimal ``hydra.utils.instantiate``: ``_target_`` dicts are built children first."""
+    if isinstance(node, Mapping):
+        if "_target_" in node:
+            kwargs = {k: instantiate_node(v) for k, v in node.items() if k != "_target_"}
+            return locate(node["_target_"])(**kwargs)
+        return {k: instantiate_node(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [instantiate_node(v) for v in node]
+    if isinstance(node, str) and "${" in node:
+        raise ValueError(f"interpolation {node!r} needs Hydra")
+    return node
+
+
+def patch_sgm_instantiate() -> bool:
+    """Without Hydra, route sgm's ``instantiate`` through :func:`instantiate_node`.
+
+    ``sgm.config.instantiate`` imports ``hydra.utils`` on every call, even for an already
+    built object or ``None`` (``DiffusionEngine.__init__`` calls it for every part), so the
+    engine cannot be constructed where Hydra is missing. Returns whether it patched.
+    """
+    try:
+        import hydra.utils  # noqa: F401
+
+        return False
+    except ImportError:
+        pass
+    import sgm.conditioning.conditioner
+    import sgm.config
+    import sgm.engine
+
+    def instantiate(node: Any, **overrides: Any) -> Any:
+        if node is None:
+            return None
+        if isinstance(node, Mapping) and "_target_" in node:
+            return instantiate_node({**node, **overrides})
+        if isinstance(node, Mapping) and "target" in node:
+            raise RuntimeError("sgm target/params configs need OmegaConf; give built objects")
+        if overrides:
+            raise TypeError(f"cannot apply overrides {sorted(overrides)} to an already built {type(node).__name__}")
+        return node
+
+    for module in (sgm.config, sgm.engine, sgm.conditioning.conditioner):
+        module.instantiate = instantiate  # type: ignore[attr-defined]
+    return True
+
+
+def build_engine_yaml(name: str, device: Any, dtype: Any, seed: int = 0, meta: bool = False):
+    """Engine of conf/model/<name>.yaml, built directly on ``device`` (random weights, seeded), in ``dtype``.
+
+    Network, conditioner and VAE are cast to ``dtype``; the denoiser's sigma table stays
+    float32 (casting it to bfloat16 would merge neighbouring noise levels).
+    """
+    import torch
+
+    node = compose_model_yaml(name)
+    noise_range = node.get("noise_range")
+    for key in NON_ENGINE_KEYS:
+        node.pop(key, None)
+    torch.manual_seed(seed)
+    with torch.device("meta" if meta else device):
+        engine = instantiate_node(node)
+    if meta:
+        return engine, noise_range
+    engine.to(device)  # records the device on the LightningModule (parameters are already there)
+    for part in (engine.model, engine.conditioner, engine.first_stage_model):
+        part.to(dtype)
+    return engine.eval(), noise_range
+
+
+def build_unet_yaml(name: str, device: Any, dtype: Any, seed: int = 0):
+    import torch
+
+    from sgm.engine import OpenAIWrapper
+
+    node = read_yaml(CONF / "network" / f"{name}.yaml")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = instantiate_node(node)
+    return OpenAIWrapper(unet.to(dtype)).eval(), node
+
+
+def count_params(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------------------
+# section 1: framework overhead of sampling (tiny, CPU)
+# ----------------------------------------------------------------------------------------
+def compose_sample_cfg(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="sample", overrides=overrides)
+
+
+class NullNetwork:
+    """Stands in for ``engine.model``: returns its input, so a sampling run times the framework alone."""
+
+    def __call__(self, x, t, c, **kwargs):
+        return x
+
+
+def _capture_inputs(engine, fn: Callable[[], Any]) -> list[tuple]:
+    calls: list[tuple] = []
+    handle = engine.model.register_forward_pre_hook(lambda module, args: calls.append(args))
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return calls
+
+
+def _timed(fn: Callable[[], Any], sync: Callable[[], None] = lambda: None) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def swapped_network(engine, stub):
+    real = engine.model
+    engine._modules["model"] = stub  # nn.Module.__setattr__ would refuse a non-Module
+    try:
+        yield
+    finally:
+        engine._modules["model"] = real
+
+
+def profile_framework(engine, run: Callable[[], Any], steps: int, runs: int = 30, top: int = 12) -> list[list[str]]:
+    """cProfile of sampling runs with the no-op network: the framework's own time per step, by function."""
+    import torch
+
+    prof = cProfile.Profile()
+    with swapped_network(engine, NullNetwork()), torch.inference_mode():
+        run()
+        prof.enable()
+        for _ in range(runs):
+            run()
+        prof.disable()
+    st = pstats.Stats(prof)
+    entries = []
+    total = 0.0
+    for (file, line, func), (cc, nc, tt, ct, callers) in st.stats.items():  # type: ignore[attr-defined]
+        total += tt
+        entries.append((tt, nc, file, line, func))
+    entries.sort(reverse=True)
+    per_step = runs * steps
+    rows = []
+    for tt, nc, file, line, func in entries[:top]:
+        where = func if file == "~" else f"{_short(file)}:{line} {func}"
+        rows.append([f"`{where}`", f"{nc / per_step:.1f}", f"{tt / per_step * 1e6:.1f}", f"{100 * tt / total:.0f}%"])
+    rows.append(["total (profiled)", "", f"{total / per_step * 1e6:.1f}", "100%"])
+    return rows
+
+
+def _short(file: str) -> str:
+    for marker in ("/sgm/", "/torch/", "/site-packages/"):
+        if marker in file:
+            return marker.strip("/") + "/" + file.split(marker, 1)[1]
+    return Path(file).name
+
+
+def section_overhead(args: argparse.Namespace) -> tuple[str, dict]:
+    import torch
+    from hydra.utils import instantiate
+
+    from sgm.tasks.sample import build_engine
+
+    torch.set_num_threads(THREADS)
+    steps, repeats = args.steps, args.repeats
+    cfg = compose_sample_cfg(["model=tiny", "sampler=euler", f"steps={steps}", "guider=cfg", "progress=false"])
+    engine = build_engine(cfg.model, seed=0)
+    sampler = instantiate(cfg.sampler)
+    log(f"[overhead] tiny engine: UNet {count_params(engine.model) / 1e6:.2f}M params; sampler {sampler!r}")
+    cases = [(1, 32), (8, 32), (1, 64), (8, 64)]
+    rows, raw = [], []
+    worst = 0.0
+    for batch, res in cases:
+        seeds = list(range(batch))
+        cond, uc = engine.get_conditionings([PROMPT] * batch, [""] * batch, res, res)
+        shape = engine.latent_shape(res, res)
+
+        def sample():
+            return engine.sample_latents(cond, uc, seeds, shape, sampler=sampler, num_steps=steps)
+
+        with torch.inference_mode():
+            calls = _capture_inputs(engine, sample)
+            assert len(calls) == steps, (len(calls), steps)
+
+            def bare():
+                for x_in, t, c in calls:
+                    engine.model(x_in, t, c)
+
+            sample(), bare()  # warm-up
+            ts, tb, tn = [], [], []
+            for _ in range(repeats):  # interleaved, so drifts in machine load hit both alike
+                ts.append(_timed(sample))
+                tb.append(_timed(bare))
+        for _ in range(repeats):  # as called from user code: sample_latents' own no_grad only
+            tn.append(_timed(sample))
+        with swapped_network(engine, NullNetwork()), torch.inference_mode():
+            sample()
+            tf = [_timed(sample) for _ in range(repeats)]
+            sampler.verbose = True
+            with contextlib.redirect_stderr(io.StringIO()):
+                sample()
+                tq = [_timed(sample) for _ in range(repeats)]
+            sampler.verbose = False
+        s, b, n_ = (statistics.median(v) / steps for v in (ts, tb, tn))
+        f, q = statistics.median(tf) / steps, statistics.median(tq) / steps
+        paired = statistics.median((x - y) / y for x, y in zip(ts, tb))
+        overhead = (s - b) / b
+        worst = max(worst, overhead)
+        x_in = calls[0][0]
+        entry = {"batch": batch, "res": res, "latent": list(shape), "unet_batch": int(x_in.shape[0]), "steps": steps,
+                 "sample_s_per_step": s, "bare_s_per_step": b, "overhead": overhead, "overhead_paired": paired,
+                 "sample_no_grad_s_per_step": n_, "framework_only_s_per_step": f,
+                 "framework_only_with_progress_s_per_step": q,
+                 "raw": {"sample": ts, "bare": tb, "sample_no_grad": tn, "framework_only": tf}}
+        raw.append(entry)
+        log(f"[overhead] batch {batch} {res}x{res}: sample {s * 1e3:.2f} ms/step, bare {b * 1e3:.2f} ms/step, "
+            f"overhead {overhead * 100:+.1f}% (paired {paired * 100:+.1f}%), framework-only {f * 1e6:.0f} us/step "
+            f"({f / b * 100:.1f}% of bare), no_grad-only sampling {n_ * 1e3:.2f} ms/step")
+        rows.append([batch, f"{res}x{res}", "x".join(map(str, shape)), int(x_in.shape[0]), f"{s * 1e3:.2f}",
+                     f"{b * 1e3:.2f}", f"{overhead * 100:+.1f}%", f"{f * 1e6:.0f}", f"{f / b * 100:.1f}%",
+                     f"{n_ * 1e3:.2f}"])
+    want_profile = args.profile or worst > 0.05 or any(e["framework_only_s_per_step"] / e["bare_s_per_step"] > 0.05
+                                                          for e in raw)
+    prof_rows = None
+    batch, res = 1, 32
+    cond, uc = engine.get_conditionings([PROMPT] * batch, [""] * batch, res, res)
+    shape = engine.latent_shape(res, res)
+    prof_rows = profile_framework(
+        engine, lambda: engine.sample_latents(cond, uc, [0], shape, sampler=sampler, num_steps=steps), steps)
+    log("[overhead] framework-only profile (batch 1, 32x32), per step:")
+    for r in prof_rows:
+        log("    " + " | ".join(r))
+
+    md = [f"Reproduce: `{command_line(args, 'overhead')}` (about a minute).", "",
+          f"Machine: {machine_line()}.", "",
+          f"`model=tiny sampler=euler guider=cfg steps={steps}` composed with Hydra and built with "
+          f"`sgm.tasks.sample.build_engine` (random weights, float32). **sampling**: one "
+          f"`engine.sample_latents(cond, uc, seeds, shape, sampler, num_steps={steps})` run under "
+          f"`torch.inference_mode()`, divided by {steps}. **bare**: the {steps} `engine.model(x_in, t, c)` calls "
+          f"(the OpenAIWrapper around the UNet) that run made, replayed with the same batched inputs (CFG doubles "
+          f"the batch: column *UNet batch*). Median of {repeats} runs each, sampling and bare runs interleaved, "
+          f"after one warm-up. **overhead** = (sampling - bare) / bare. **framework-only**: the same sampling run "
+          f"with `engine.model` replaced by a network that returns its input, i.e. everything but the UNet "
+          f"(guider batching, denoiser scalings and sigma quantization, Euler update); it does not depend on "
+          f"noise in the UNet timing and is the better estimate of the overhead. The last column is the "
+          f"sampling run without the outer `inference_mode` (only `sample_latents`' own `no_grad`).", "",
+          table(["batch", "image", "latent", "UNet batch", "sampling ms/step", "bare UNet ms/step", "overhead",
+                 "framework-only µs/step", "framework-only / bare", "sampling, no_grad only, ms/step"], rows), ""]
+    tq = statistics.median(e["framework_only_with_progress_s_per_step"] - e["framework_only_s_per_step"] for e in raw)
+    md.append(f"The progress bar (`progress=true`, the default of `run.py`) adds about {tq * 1e6:.0f} µs/step "
+              f"(median over the cases; measured with the no-op network).")
+    md.append("")
+    verdict = ("within" if worst <= 0.05 and all(e["framework_only_s_per_step"] / e["bare_s_per_step"] <= 0.05
+                                                for e in raw) else "**above**")
+    md.append(f"Requirement: overhead <= 5%. Measured: {verdict} the bound in every case "
+              f"(largest measured overhead {worst * 100:+.1f}%, largest framework-only share "
+              f"{max(e['framework_only_s_per_step'] / e['bare_s_per_step'] for e in raw) * 100:.1f}%). "
+              f"The framework's cost is a fixed ~{statistics.median(e['framework_only_s_per_step'] for e in raw) * 1e6:.0f} µs "
+              f"per step, so its share only shrinks as the network grows; for SDXL on a GPU see the last section.")
+    if prof_rows is not None:
+        md += ["", f"Where the framework-only time goes (cProfile of 30 sampling runs with the no-op network, batch 1, "
+               f"32x32, {steps} steps; own time per step, top functions; cProfile inflates Python-heavy code):", "",
+               table(["function", "calls/step", "own µs/step", "share"], prof_rows)]
+    return "\n".join(md), {"cases": raw, "profile": prof_rows, "want_profile": want_profile}
+
+
+# ----------------------------------------------------------------------------------------
+# section 2: peak memory when loading a checkpoint
+# ----------------------------------------------------------------------------------------
+def _proc_status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def load_child(path: str, overrides: list[str]) -> None:
+    """Runs in a fresh process: baseline RSS after imports, then build_engine(model.checkpoint=path)."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    import open_clip.model  # noqa: F401  - imported lazily by the embedders; import it before the baseline
+    import transformers  # noqa: F401
+    from transformers import CLIPTextConfig, CLIPTextModel  # noqa: F401
+
+    from sgm.tasks.sample import build_engine
+
+    cfg = compose_sample_cfg(overrides + [f"model.checkpoint='{path}'"])
+    gc.collect()
+    baseline = _proc_status()
+    reset = True
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:  # resets VmHWM and ru_maxrss to the current RSS
+            fh.write("5")
+    except OSError:
+        reset = False
+    peaks = {"RssAnon": 0, "RssFile": 0}
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            st = _proc_status()
+            for k in peaks:
+                peaks[k] = max(peaks[k], st.get(k, 0))
+            time.sleep(0.002)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    t0 = time.perf_counter()
+    engine = build_engine(cfg.model, seed=0)
+    load_s = time.perf_counter() - t0
+    stop.set()
+    poller.join()
+    after = _proc_status()
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    state = engine.state_dict()
+    weights = sum(t.numel() * t.element_size() for t in state.values())
+    print("RESULT " + json.dumps({
+        "baseline": baseline, "after": after, "ru_maxrss": maxrss, "hwm_reset": reset, "peaks_sampled": peaks,
+        "load_s": load_s, "weights_bytes": weights, "params": count_params(engine),
+        "dtypes": sorted({str(t.dtype) for t in state.values()}),
+    }), flush=True)
+
+
+def make_sdxl_checkpoint(path: Path) -> int:
+    """SDXL base with random float16 weights (built on meta, materialized in float16), saved; returns params."""
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from sgm.checkpoint import save_checkpoint
+
+    node = OmegaConf.to_container(compose_sample_cfg(["model=sdxl_base"]).model, resolve=True)
+    for key in NON_ENGINE_KEYS:
+        node.pop(key, None)
+    with torch.device("meta"):
+        engine = instantiate(node)
+    engine.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in list(engine.named_parameters()) + list(engine.named_buffers()):
+            if t.is_floating_point():
+                t.data = torch.empty(t.shape, dtype=torch.float16).normal_(0, 0.02, generator=gen)
+            else:
+                t.zero_()
+    n = count_params(engine)
+    save_checkpoint(engine, path, dtype=torch.float16)
+    del engine
+    gc.collect()
+    return n
+
+
+def section_load(args: argparse.Namespace) -> tuple[str, dict]:
+    import torch
+    from hydra.utils import instantiate  # noqa: F401
+
+    from sgm.checkpoint import save_checkpoint
+    from sgm.tasks.sample import build_engine
+
+    torch.set_num_threads(THREADS)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    models = [("tiny", ["model=tiny"]), ("mid (tiny + wider UNet)", ["model=tiny", *MID_OVERRIDES])]
+    if args.sdxl_load:
+        models.append(("SDXL base, float16", ["model=sdxl_base"]))
+    rows, raw = [], []
+    for label, overrides in models:
+        slug = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+        path = work / f"{slug}.safetensors"
+        try:
+            t0 = time.perf_counter()
+            if "sdxl" in slug:
+                st = os.statvfs(work)
+                free_disk = st.f_bavail * st.f_frsize
+                avail = int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0]) * 1024
+                if free_disk < 10 * 2**30 or avail < 18 * 2**30:
+                    raise RuntimeError(f"needs 10 GiB free disk and 18 GiB available memory; have "
+                                       f"{free_disk / 2**30:.1f} / {avail / 2**30:.1f} GiB")
+                if not path.is_file():
+                    make_sdxl_checkpoint(path)
+            else:
+                engine = build_engine(compose_sample_cfg(overrides).model, seed=0)
+                save_checkpoint(engine, path)
+                del engine
+                gc.collect()
+            log(f"[load] wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+            proc = subprocess.run([sys.executable, __file__, "--_load-child", str(path), *overrides],
+                                  capture_output=True, text=True, cwd=ROOT, timeout=1800)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not line:
+                raise RuntimeError(f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            res = json.loads(line[-1][len("RESULT "):])
+        except Exception as exc:  # noqa: BLE001
+            log(f"[load] {label}: FAILED: {exc}")
+            rows.append([label] + ["failed"] * 9)
+            raw.append({"model": label, "error": str(exc)})
+            continue
+        size = path.stat().st_size
+        base = res["baseline"]["VmRSS"]
+        peak = res["ru_maxrss"]
+        d_anon = res["peaks_sampled"]["RssAnon"] - res["baseline"].get("RssAnon", 0)
+        d_file = res["peaks_sampled"]["RssFile"] - res["baseline"].get("RssFile", 0)
+        entry = {"model": label, "overrides": overrides, "file_bytes": size, **res}
+        raw.append(entry)
+        mb = lambda v: f"{v / 1e6:,.0f}"  # noqa: E731
+        log(f"[load] {label}: file {mb(size)} MB, weights {mb(res['weights_bytes'])} MB, baseline {mb(base)} MB, "
+            f"peak {mb(peak)} MB, (peak - baseline) / file = {(peak - base) / size:.2f}, "
+            f"anon +{mb(d_anon)} MB, file-backed +{mb(d_file)} MB, {res['load_s']:.1f} s"
+            + ("" if res["hwm_reset"] else " (peak RSS could not be reset after imports)"))
+        rows.append([label, f"{res['params'] / 1e6:.1f}M", mb(size), mb(res["weights_bytes"]), mb(base), mb(peak),
+                     mb(peak - base), f"**{(peak - base) / size:.2f}**", f"+{mb(d_anon)} / +{mb(d_file)}",
+                     f"{res['load_s']:.1f}"])
+    cmd = command_line(args, "load")
+    md = [f"Reproduce: `{cmd}` (about a minute{'; several more with `--sdxl-load`' if args.sdxl_load else ''}).", "",
+          f"Machine: {machine_line()}.", "",
+          "A model is built with random weights and written with `sgm.checkpoint.save_checkpoint` "
+          "(safetensors, float32 unless noted); then a fresh Python process imports torch, transformers, "
+          "open_clip and `sgm.tasks.sample`, composes the config with `model.checkpoint=PATH`, records its RSS "
+          "(**baseline**), resets the peak-RSS counter (`/proc/self/clear_refs`), and calls `build_engine`, which "
+          "builds the engine on the meta device and loads the file with `load_checkpoint`. **peak** is "
+          "`resource.getrusage(RUSAGE_SELF).ru_maxrss` after the load. The last-but-one column splits the peak "
+          "into anonymous memory (tensors) and file-backed pages (the memory-mapped safetensors file, counted in "
+          "RSS while mapped; reclaimable page cache), sampled every 2 ms. "
+          f"The mid-size model is `model=tiny` with `{' '.join(MID_OVERRIDES)}`.", "",
+          table(["model", "params", "file MB", "weights in memory MB", "baseline RSS MB", "peak RSS MB",
+                 "peak - baseline MB", "(peak - baseline) / file", "peak anon / file-backed increase MB",
+                 "load s"], rows)]
+    if not args.sdxl_load:
+        md += ["", "`--sdxl-load` adds SDXL base (random weights written in float16, ~6.9 GB; needs 10 GiB of "
+               "free disk and 18 GiB of available memory); not run for this table."]
+    return "\n".join(md), {"models": raw}
+
+
+# ----------------------------------------------------------------------------------------
+# section 3: SDXL size on a GPU (no Hydra)
+# ----------------------------------------------------------------------------------------
+def gpu_spec(args: argparse.Namespace) -> dict:
+    if args.gpu_dry_run:
+        return {"model": "tiny", "refiner_network": "tiny", "res": 64, "steps": 2, "batches": [1, 2],
+                "dtype": "float32", "device": "cpu", "repeats": 1, "unet_calls": 3, "decode_repeats": 1,
+                "meta_check": ["sdxl_base", "sdxl_refiner"], "cfg_scale": 5.0, "refiner_latent": 16}
+    return {"model": "sdxl_base", "refiner_network": "sdxl_refiner", "res": args.gpu_res, "steps": args.gpu_steps,
+            "batches": args.gpu_batches, "dtype": "bfloat16", "device": "cuda", "repeats": 2, "unet_calls": 10,
+            "decode_repeats": 3, "meta_check": [], "cfg_scale": 5.0, "refiner_latent": args.gpu_res // 8}
+
+
+def section_gpu(args: argparse.Namespace) -> tuple[str, dict]:
+    t_start = time.perf_counter()
+    spec = gpu_spec(args)
+    import torch
+
+    from sgm.diffusion.discretization import EDMDiscretization
+    from sgm.diffusion.guiders import VanillaCFG
+    from sgm.diffusion.samplers import EulerEDMSampler
+    from sgm.networks.attention import set_attention_backend
+
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    on_cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize()) if on_cuda else (lambda: None)
+    if not on_cuda:
+        torch.set_num_threads(THREADS)
+    res: dict[str, Any] = {"spec": spec, "errors": [], "torch": torch.__version__, "python": platform.python_version(),
+                           "device_name": torch.cuda.get_device_name(0) if on_cuda else platform.processor() or "cpu",
+                           "dry_run": bool(args.gpu_dry_run)}
+    res["patched_instantiate"] = patch_sgm_instantiate()
+    set_attention_backend("sdpa", force=True)
+    if on_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    log(f"[gpu] {res['device_name']}, torch {torch.__version__}, {spec['dtype']}, SDPA attention; "
+        f"hydra imported: {'hydra' in sys.modules and sys.modules['hydra'] is not None}")
+
+    def attempt(name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        log(f"[gpu] {name} ...")
+        try:
+            out = fn()
+            log(f"[gpu] {name} done in {time.perf_counter() - t0:.1f} s")
+            return out
+        except Exception as exc:  # noqa: BLE001
+            log(f"[gpu] {name} FAILED: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+            sys.stdout.flush()
+            res["errors"].append({"step": name, "error": f"{type(exc).__name__}: {exc}",
+                                  "traceback": traceback.format_exc()[-4000:]})
+            if on_cuda:
+                with contextlib.suppress(Exception):
+                    torch.cuda.empty_cache()
+            return None
+
+    def gib(v: float) -> float:
+        return round(v / 2**30, 3)
+
+    for name in spec["meta_check"]:
+        def meta_build(name=name):
+            engine, _ = build_engine_yaml(name, "meta", None, meta=True)
+            counts = {"unet": count_params(engine.model), "conditioner": count_params(engine.conditioner),
+                      "vae": count_params(engine.first_stage_model)}
+            res.setdefault("meta_check", {})[name] = counts
+            log(f"[gpu] meta build of {name}: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in counts.items()))
+        attempt(f"meta build {name}", meta_build)
+
+    def build():
+        t0 = time.perf_counter()
+        engine, noise_range = build_engine_yaml(spec["model"], device, dtype, seed=0)
+        sync()
+        res["build_s"] = time.perf_counter() - t0
+        res["params"] = {"unet": count_params(engine.model), "conditioner": count_params(engine.conditioner),
+                         "vae": count_params(engine.first_stage_model)}
+        if on_cuda:
+            torch.cuda.empty_cache()
+            res["weights_gib"] = gib(torch.cuda.memory_allocated())
+        log(f"[gpu] built {spec['model']} in {res['build_s']:.1f} s: "
+            + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in res["params"].items()))
+        return engine, noise_range
+
+    built = attempt(f"build {spec['model']}", build)
+    if built is not None:
+        engine, noise_range = built
+        disc = EDMDiscretization(**noise_range)
+        sampler = EulerEDMSampler(discretization=disc, num_steps=spec["steps"], guider=VanillaCFG(scale=spec["cfg_scale"]))
+        H = W = spec["res"]
+        steps = spec["steps"]
+
+        def pipeline(batch: int, n_steps: int, capture: list | None = None) -> dict:
+            seeds = list(range(batch))
+            with torch.inference_mode():
+                sync()
+                t0 = time.perf_counter()
+                cond, uc = engine.get_conditionings([PROMPT] * batch, [""] * batch, H, W)
+                sync()
+                t1 = time.perf_counter()
+                run = lambda: engine.sample_latents(cond, uc, seeds, engine.latent_shape(H, W), sampler=sampler,  # noqa: E731
+                                                    num_steps=n_steps)
+                if capture is not None:
+                    handle = engine.model.register_forward_pre_hook(lambda m, a: capture.append(a))
+                    try:
+                        z = run()
+                    finally:
+                        handle.remove()
+                else:
+                    z = run()
+                sync()
+                t2 = time.perf_counter()
+                img = engine.decode_first_stage(z)
+                sync()
+                t3 = time.perf_counter()
+            if not torch.isfinite(img).all():
+                log("[gpu] warning: non-finite values in the decoded images")
+            return {"cond_s": t1 - t0, "sample_s": t2 - t1, "decode_s": t3 - t2, "total_s": t3 - t0,
+                    "image_shape": list(img.shape)}
+
+        def measure(batch: int) -> None:
+            out: dict[str, Any] = {"batch": batch, "steps": steps, "res": H}
+            res.setdefault("pipelines", []).append(out)
+            pipeline(batch, min(2, steps))  # warm-up at this shape
+            runs = []
+            calls: list = []
+            for r in range(spec["repeats"]):
+                if on_cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                runs.append(pipeline(batch, steps, capture=calls if r == 0 else None))
+                if on_cuda:
+                    out.setdefault("peak_gib", []).append(gib(torch.cuda.max_memory_allocated()))
+                log(f"[gpu]   batch {batch} run {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in runs[-1].items()
+                                                                    if k.endswith("_s")))
+            out["runs"] = runs
+            best = min(runs, key=lambda d: d["total_s"])
+            out["total_s"] = best["total_s"]
+            out["s_per_image"] = best["total_s"] / batch
+            out["cond_s"], out["decode_s"] = best["cond_s"], best["decode_s"]
+            out["sample_s_per_step"] = min(d["sample_s"] for d in runs) / steps
+            out["unet_batch"] = int(calls[0][0].shape[0])
+
+            def bare():
+                with torch.inference_mode():
+                    for x_in, t, c in calls:
+                        engine.model(x_in, t, c)
+
+            bare_times = [_timed(bare, sync) for _ in range(spec["repeats"])]
+            out["bare_s_per_step"] = min(bare_times) / len(calls)
+            out["overhead"] = (out["sample_s_per_step"] - out["bare_s_per_step"]) / out["bare_s_per_step"]
+            del calls
+            log(f"[gpu] batch {batch}: {out['s_per_image']:.3f} s/image, sampling {out['sample_s_per_step'] * 1e3:.1f} "
+                f"ms/step, bare UNet {out['bare_s_per_step'] * 1e3:.1f} ms/step (overhead {out['overhead'] * 100:+.1f}%), "
+                f"decode {out['decode_s']:.3f} s, peak {out.get('peak_gib')} GiB")
+
+        for batch in spec["batches"]:
+            attempt(f"pipeline batch {batch}", lambda batch=batch: measure(batch))
+
+        def decode_only() -> None:
+            lat = torch.randn(1, *engine.latent_shape(H, W), device=device)
+            with torch.inference_mode():
+                engine.decode_first_stage(lat)
+                if on_cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                times = [_timed(lambda: engine.decode_first_stage(lat), sync) for _ in range(spec["decode_repeats"])]
+            res["decode_b1_s"] = min(times)
+            if on_cuda:
+                res["decode_b1_peak_gib"] = gib(torch.cuda.max_memory_allocated())
+            log(f"[gpu] VAE decode batch 1: {res['decode_b1_s']:.3f} s")
+
+        attempt("VAE decode batch 1", decode_only)
+        del engine, built
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+    def refiner() -> None:
+        wrapper, node = build_unet_yaml(spec["refiner_network"], device, dtype, seed=1)
+        ctx = node["context_dim"][0] if isinstance(node["context_dim"], list) else node["context_dim"]
+        latent = spec["refiner_latent"]
+        b = 2  # CFG batch of one image
+        x = torch.randn(b, node["in_channels"], latent, latent, device=device)
+        t = torch.full((b,), 500, device=device, dtype=torch.long)
+        c = {"crossattn": torch.randn(b, 77, ctx, device=device), "vector": torch.randn(b, node["adm_in_channels"], device=device)}
+        with torch.inference_mode():
+            wrapper(x, t, c)
+            wrapper(x, t, c)
+            dt = _timed(lambda: [wrapper(x, t, c) for _ in range(spec["unet_calls"])], sync)
+        res["refiner"] = {"params": count_params(wrapper), "unet_batch": b, "latent": latent,
+                          "s_per_step": dt / spec["unet_calls"]}
+        log(f"[gpu] refiner UNet ({count_params(wrapper) / 1e6:.0f}M): {res['refiner']['s_per_step'] * 1e3:.1f} ms/step "
+            f"(batch {b}, latent {latent}x{latent})")
+
+    attempt(f"refiner UNet ({spec['refiner_network']})", refiner)
+    res["hydra_imported"] = "hydra" in sys.modules and sys.modules["hydra"] is not None
+    res["wall_s"] = time.perf_counter() - t_start
+    log(f"[gpu] finished in {res['wall_s']:.0f} s with {len(res['errors'])} error(s)")
+    return render_gpu(res), res
+
+
+def render_gpu(res: dict) -> str:
+    spec = res["spec"]
+    title = "DRY RUN on CPU (tiny YAMLs; not SDXL numbers)" if res.get("dry_run") else res.get("device_name", "?")
+    md = ["Reproduce on a CUDA machine: `python experiments/benchmark.py --sections gpu --gpu-json gpu.json "
+          "--out docs/benchmarks.md` (needs torch, lightning, transformers, open_clip, PyYAML; no Hydra).", "",
+          f"Device: {title}; torch {res.get('torch')}, Python {res.get('python')}. "
+          f"`conf/model/{spec['model']}.yaml` built from the YAML files without Hydra, random weights (seed 0), "
+          f"UNet, text encoders and VAE in {spec['dtype']}, SDPA attention, TF32 allowed. "
+          f"Euler (EDM schedule over the model's sigma range), CFG {spec['cfg_scale']}, {spec['steps']} steps, "
+          f"{spec['res']}x{spec['res']}. Timings are the best of {spec['repeats']} runs after a warm-up. "
+          + (f"Build: {res['build_s']:.1f} s; weights on the GPU {res.get('weights_gib', '?')} GiB. "
+             if "build_s" in res else ""), ""]
+    rows = []
+    for p in res.get("pipelines", []):
+        if "s_per_image" not in p:
+            continue
+        rows.append([p["batch"], p["unet_batch"], f"{p['s_per_image']:.2f}", f"{p['total_s']:.2f}",
+                     f"{p['sample_s_per_step'] * 1e3:.1f}", f"{p['bare_s_per_step'] * 1e3:.1f}",
+                     f"{p['overhead'] * 100:+.1f}%", f"{p['cond_s'] * 1e3:.0f}", f"{p['decode_s'] * 1e3:.0f}",
+                     f"{max(p['peak_gib']):.1f}" if p.get("peak_gib") else "n/a"])
+    if rows:
+        md.append(table(["batch", "UNet batch", "s / image", "s / batch", "sampling ms/step", "bare UNet ms/step",
+                         "overhead", "text encoders ms", "VAE decode ms", "peak GPU memory GiB"], rows))
+        md.append("")
+    if "decode_b1_s" in res:
+        md.append(f"VAE decode of one {spec['res']}x{spec['res']} image alone: {res['decode_b1_s'] * 1e3:.0f} ms"
+                  + (f", peak {res['decode_b1_peak_gib']:.1f} GiB (weights included)." if "decode_b1_peak_gib" in res
+                     else "."))
+    if "refiner" in res:
+        r = res["refiner"]
+        md.append(f"Refiner UNet (`conf/network/{spec['refiner_network']}.yaml`, {r['params'] / 1e6:.0f}M params): "
+                  f"{r['s_per_step'] * 1e3:.1f} ms per step at batch {r['unet_batch']} (one image with CFG), "
+                  f"latent {r['latent']}x{r['latent']}.")
+    if res.get("errors"):
+        md += ["", "Failed measurements: " + "; ".join(f"{e['step']}: {e['error']}" for e in res["errors"])]
+    return "\n".join(md)
+
+
+# ----------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default=None, help="comma-separated: overhead,load,gpu (default overhead,load [+gpu])")
+    p.add_argument("--out", type=Path, default=None, help="markdown file whose sections are replaced/added")
+    p.add_argument("--json", type=Path, default=None, help="raw results of the CPU sections")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps of the overhead section")
+    p.add_argument("--repeats", type=int, default=7, help="repeats of the overhead section")
+    p.add_argument("--profile", action="store_true", help="always print the framework-only profile")
+    p.add_argument("--workdir", default="/tmp/sgm-benchmark", help="where checkpoints are written")
+    p.add_argument("--sdxl-load", action="store_true", help="also the SDXL base float16 checkpoint (~6.9 GB)")
+    p.add_argument("--gpu", action="store_true", help="run the GPU section")
+    p.add_argument("--gpu-json", type=Path, default=None, help="write the GPU section's results here")
+    p.add_argument("--gpu-dry-run", action="store_true",
+                   help="run the GPU section's code on the CPU (tiny YAMLs, 64x64, 2 steps, float32, Hydra blocked)")
+    p.add_argument("--gpu-res", type=int, default=1024)
+    p.add_argument("--gpu-steps", type=int, default=30)
+    p.add_argument("--gpu-batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4])
+    p.add_argument("--render-gpu-json", type=Path, default=None, help="write the GPU section from a JSON file")
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    if "--_load-child" in sys.argv:
+        i = sys.argv.index("--_load-child")
+        load_child(sys.argv[i + 1], sys.argv[i + 2:])
+        return
+    args = parse_args()
+    if args.render_gpu_json:
+        res = json.loads(args.render_gpu_json.read_text())
+        md = render_gpu(res)
+        print(md)
+        if args.out:
+            write_sections(args.out, {"gpu": md})
+        return
+    if args.gpu_dry_run:
+        block_hydra()  # the GPU machine has no Hydra/OmegaConf: prove the path does not need them
+        sections = ["gpu"]
+    elif args.sections:
+        sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    else:
+        import torch
+
+        sections = ["overhead", "load"] + (["gpu"] if args.gpu or torch.cuda.is_available() else [])
+    unknown = set(sections) - set(SECTION_ORDER)
+    if unknown:
+        raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {SECTION_ORDER}")
+    t0 = time.perf_counter()
+    md: dict[str, str] = {}
+    raw: dict[str, Any] = {}
+    funcs = {"overhead": section_overhead, "load": section_load, "gpu": section_gpu}
+    for name in SECTION_ORDER:
+        if name not in sections:
+            continue
+        log(f"== {SECTION_TITLES[name]}")
+        try:
+            md[name], raw[name] = funcs[name](args)
+        except Exception:  # noqa: BLE001 - keep the other sections
+            traceback.print_exc()
+            log(f"== section {name} failed")
+            continue
+        print("\n" + md[name] + "\n", flush=True)
+        if name == "gpu" and args.gpu_json:
+            args.gpu_json.parent.mkdir(parents=True, exist_ok=True)
+            args.gpu_json.write_text(json.dumps(raw[name], indent=1, default=str))
+            log(f"wrote {args.gpu_json}")
+    if args.json:
+        args.json.write_text(json.dumps(raw, indent=1, default=str))
+    if args.out and md:
+        if args.gpu_dry_run:
+            log("dry run: not writing the markdown file")
+        else:
+            write_sections(args.out, md)
+    log(f"total {time.perf_counter() - t0:.0f} s")
+    if "gpu" in sections and "gpu" in raw and args.gpu_dry_run:
+        if raw["gpu"].get("hydra_imported"):
+            raise SystemExit("the GPU path imported Hydra")
+        if raw["gpu"]["errors"]:
+            raise SystemExit(f"dry run had {len(raw['gpu']['errors'])} error(s)")
+
+
+if __name__ == "__main__":
+    main()

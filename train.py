@@ -1,0 +1,15 @@
+"""Train: `python train.py data.root=DIR [lora=...] [~lora]` (see conf/train.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> dict:
+    from sgm.tasks.train import run
+
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
