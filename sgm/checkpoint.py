@@ -166,9 +166,29 @@ def save_checkpoint(model: nn.Module | dict, path: str | os.PathLike, dtype: str
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         out[k] = v.contiguous().cpu()
+    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
+    return write_safetensors(out, path, meta)
+
+
+def default_file_mode() -> int:
+    """0o666 minus the process umask: what a plain ``open(path, "w")`` would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file atomically (a temporary file beside it, then ``os.replace``),
+    with ordinary permissions; an interrupted write never leaves a partial file at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(out, str(tmp), metadata={k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path

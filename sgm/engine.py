@@ -8,7 +8,6 @@ Parts arrive built (Hydra instantiates them) or as sgm ``*_config`` dicts.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from contextlib import nullcontext
 from typing import Any, Sequence
@@ -290,10 +289,16 @@ class DiffusionEngine(L.LightningModule):
 
         Cached batches carry ``crossattn``/``vector`` (and ``uc_crossattn``/``uc_vector``, the
         same item's unconditional version); otherwise the conditioner runs. Either way a sample
-        whose caption is "" gets exactly what sampling uses for ``uc`` (zeroed text for SDXL base),
+        whose caption was dropped (``caption_dropped``, else an empty caption) gets exactly what
+        sampling uses for ``uc`` (zeroed text for SDXL base),
         so caption dropout trains the branch classifier-free guidance needs.
         """
-        empty = torch.tensor([not t for t in batch["txt"]], device=self.device) if "txt" in batch else None
+        if "caption_dropped" in batch:
+            empty = torch.as_tensor(batch["caption_dropped"], dtype=torch.bool, device=self.device)
+        elif "txt" in batch:
+            empty = torch.tensor([not t for t in batch["txt"]], dtype=torch.bool, device=self.device)
+        else:
+            empty = None
         if any(k in batch for k in self.COND_KEYS):
             cond = {k: batch[k] for k in self.COND_KEYS if k in batch}
             if empty is not None and bool(empty.any()):
@@ -331,13 +336,17 @@ class DiffusionEngine(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0], sync_dist=False)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """Deterministic: the noise and sigmas of validation batch i are fixed by i."""
+    @torch.no_grad()
+    def validation_loss(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Per-sample loss of a validation batch; deterministic: batch i's noise and sigmas are fixed by i."""
         g = torch.Generator().manual_seed(self.step_seed(self.train_seed + 2, batch_idx))
         x = self.training_latents(batch)
         cond = self.training_conditioning(batch)
-        loss = self.loss_fn.compute(self.model, self.denoiser, cond, x, generator=g).mean()
-        self.log("val/loss", loss, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
+        return self.loss_fn.compute(self.model, self.denoiser, cond, x, generator=g)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.validation_loss(batch, batch_idx).mean()
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["txt"]), sync_dist=True)
         return loss
 
     train_seed: int = 0

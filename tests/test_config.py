@@ -147,7 +147,7 @@ def test_sgm_yaml_builds_the_same_objects():
 
 
 def test_every_alias_resolves():
-    for old in SGM_ALIASES:
+    for old in list(SGM_ALIASES):
         assert callable(resolve_target(old)), old
 
 

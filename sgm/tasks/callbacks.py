@@ -73,6 +73,50 @@ class SampleImages(L.Callback):
             self._run(trainer, pl_module)
 
 
+class ValidationLoss(L.Callback):
+    """The deterministic validation loss every ``every_n_steps`` optimizer steps and at the end.
+
+    Run by this callback rather than Lightning's step-based validation loop, whose restart
+    bookkeeping would make a resumed run see other batches than an uninterrupted one. It draws
+    no global random numbers, so training is the same with or without it.
+    """
+
+    def __init__(self, every_n_steps: int):
+        self.every_n_steps = int(every_n_steps)
+        self.last_step = -1
+
+    @torch.no_grad()
+    def _run(self, trainer: L.Trainer, engine) -> None:
+        if trainer.global_step == self.last_step or trainer.datamodule is None:
+            return
+        self.last_step = trainer.global_step
+        loader = trainer.datamodule.val_dataloader()
+        if not loader:
+            return
+        was_training = engine.training
+        engine.eval()
+        total, count = 0.0, 0
+        try:
+            for i, batch in enumerate(loader):
+                batch = engine.transfer_batch_to_device(batch, engine.device, 0)
+                loss = engine.validation_loss(batch, i)
+                total, count = total + float(loss.sum()), count + loss.numel()
+        finally:
+            engine.train(was_training)
+        value = total / max(1, count)
+        trainer.callback_metrics["val/loss"] = torch.tensor(value)
+        if trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics({"val/loss": value}, step=trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps > 0 and trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
+            self._run(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._run(trainer, pl_module)
+
+
 class SaveFinalWeights(L.Callback):
     """At the end of training, rank 0 writes the trained weights with ``save_fn(engine, path)``."""
 

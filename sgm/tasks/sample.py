@@ -137,12 +137,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                      cfg.get("wildcards_dir"))
     sampler = instantiate(cfg.sampler)
     check_size(cfg.model, int(cfg.H), int(cfg.W))
+    for f in (cfg.get("lora") or {}).get("files") or []:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"lora file {str(f)!r} does not exist")
     out_dir = run_dir()
     init_image = load_init_image(cfg.init_image, int(cfg.H), int(cfg.W)) if cfg.get("init_image") else None
 
     apply_runtime_settings(cfg)
     engine = build_engine(cfg.model, seed=int(cfg.seed))
     engine.sampler = sampler
+    lora = cfg.get("lora") or {}
+    if lora.get("files"):
+        from ..lora import load_lora_files
+
+        strengths = list(lora.get("strengths") or [1.0] * len(lora.files))
+        load_lora_files(engine, [str(f) for f in lora.files], [float(s) for s in strengths])
     refiner = None
     if cfg.get("refiner") is not None:
         refiner = build_engine(cfg.refiner, seed=int(cfg.seed))
@@ -159,7 +168,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer], logger=make_logger(cfg, out_dir) or False)
     trainer.predict(engine, datamodule=PromptDataModule(jobs, int(cfg.batch_size)), return_predictions=False)
     for lg in trainer.loggers:
-        if hasattr(lg, "experiment"):
+        if type(lg).__name__ == "WandbLogger":
             try:
                 lg.experiment.finish()
             except Exception as exc:  # noqa: BLE001

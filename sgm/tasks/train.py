@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import save_checkpoint
 from ..engine import DiffusionEngine
-from .callbacks import SampleImages, SaveFinalWeights
+from .callbacks import SampleImages, SaveFinalWeights, ValidationLoss
 from .sample import apply_runtime_settings, build_engine, make_logger, run_dir
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def prepare_trainable(engine: DiffusionEngine, cfg: DictConfig) -> str:
     else:
         engine.model.diffusion_model.requires_grad_(True)
         mode = "full"
+    engine.train()  # frozen embedders stay in eval mode (AbstractEmbModel.train)
     if cfg.get("gradient_checkpointing"):
         engine.model.diffusion_model.set_gradient_checkpointing(True)
     n_train = sum(p.numel() for p in engine.parameters() if p.requires_grad)
@@ -60,13 +62,23 @@ def prepare_trainable(engine: DiffusionEngine, cfg: DictConfig) -> str:
     return mode
 
 
-def save_final(mode: str, cfg: DictConfig):
-    """The function that writes the final weights: a kohya LoRA file, or a full single-file checkpoint."""
-    if mode == "lora":
-        from ..lora import save_lora
+def _save_lora_file(engine, path, metadata):
+    from ..lora import save_lora
 
-        return lambda engine, path: save_lora(engine, path, metadata={"sgm_config": OmegaConf.to_yaml(cfg)})
-    return lambda engine, path: save_checkpoint(engine, path, metadata={"sgm_config": OmegaConf.to_yaml(cfg)})
+    return save_lora(engine, path, metadata=metadata)
+
+
+def _save_model_file(engine, path, metadata, dtype):
+    return save_checkpoint(engine, path, metadata=metadata, dtype=dtype)
+
+
+def save_final(mode: str, cfg: DictConfig):
+    """The function (picklable, for DDP spawn) that writes the final weights: a kohya LoRA file,
+    or in full training a single-file checkpoint in the original layout."""
+    metadata = {"sgm_config": OmegaConf.to_yaml(cfg)}
+    if mode == "lora":
+        return functools.partial(_save_lora_file, metadata=metadata)
+    return functools.partial(_save_model_file, metadata=metadata, dtype=cfg.get("save_dtype"))
 
 
 def cache_encoder(engine: DiffusionEngine):
@@ -101,8 +113,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     engine.train_seed = int(cfg.seed)
     mode = prepare_trainable(engine, cfg)
     if cfg.get("cache_latents"):
+        if cfg.get("lora") is not None and cfg.lora.get("train_text_encoders"):
+            raise ValueError("cache_latents=true caches the text encoders' outputs, so their LoRA could not "
+                             "train: use cache_latents=false with lora=text_encoders")
         datamodule.setup("fit")
-        datamodule.build_cache(cache_encoder(engine))
+        import hashlib
+
+        tag = hashlib.sha256(OmegaConf.to_yaml(cfg.model, resolve=True).encode()).hexdigest()[:16]
+        datamodule.build_cache(cache_encoder(engine), tag=tag)  # another model: another cache
 
     val = cfg.validation
     callbacks: list[L.Callback] = [
@@ -110,18 +128,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         save_top_k=int(cfg.keep_checkpoints), monitor="step", mode="max", save_last=True,
                         auto_insert_metric_name=False),
         SaveFinalWeights(out_dir / str(cfg.output_name), save_final(mode, cfg)),
+        ValidationLoss(int(val.every_n_steps)),
     ]
     if int(val.sample_every_n_steps) > 0 and val.prompts:
         callbacks.append(SampleImages(out_dir, val.prompts, val.seeds, int(val.sample_every_n_steps), int(cfg.model.H),
                                       int(cfg.model.W), int(val.steps), float(val.guidance_scale),
                                       OmegaConf.to_container(cfg.model.noise_range)))
-    logger = make_logger(cfg, out_dir)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False,
-                                     enable_checkpointing=True)
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers = [CSVLogger(save_dir=out_dir, name="", version="")]  # metrics.csv in the run folder
+    wandb_logger = make_logger(cfg, out_dir)
+    if wandb_logger is not None:
+        loggers.append(wandb_logger)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, enable_checkpointing=True)
     trainer.fit(engine, datamodule=datamodule, ckpt_path=resume)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     for lg in trainer.loggers:
-        if hasattr(lg, "experiment") and trainer.is_global_zero:
+        if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero:
             try:
                 lg.experiment.finish()
             except Exception as exc:  # noqa: BLE001

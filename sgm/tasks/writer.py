@@ -17,6 +17,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ..checkpoint import default_file_mode
+
 log = logging.getLogger(__name__)
 
 
@@ -48,6 +50,7 @@ def save_png_once(path: Path, image: np.ndarray, text: dict[str, str]) -> bool:
     os.close(fd)
     try:
         Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+        os.chmod(tmp, default_file_mode())
         os.link(tmp, path)
         return True
     except FileExistsError:
