@@ -16,7 +16,9 @@ is available or ``--gpu`` is given):
   parts are built from the YAML files with PyYAML), so it runs where only torch,
   lightning, transformers, open_clip and PyYAML are installed. ``--gpu-dry-run`` runs the
   same code on the CPU with the tiny YAMLs (64x64, 2 steps, float32, Hydra import blocked)
-  and builds SDXL base and refiner on the meta device from their YAMLs.
+  and builds SDXL base and refiner on the meta device from their YAMLs. Without Hydra,
+  sgm's ``instantiate`` (which imports ``hydra.utils`` even for built objects) is routed
+  through a minimal PyYAML-level instantiate; without torchvision, a stub lets open_clip import.
 
 Usage:
 
@@ -72,8 +74,12 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------------------
 DOC_HEADER = """# Benchmarks
 
-Produced by `experiments/benchmark.py`; each section names the command that reproduces it.
-A section is replaced in place when its command is rerun with `--out docs/benchmarks.md`.
+Produced by `experiments/benchmark.py`; each section names the command that reproduces it, and
+a section is replaced in place when its command is rerun with `--out docs/benchmarks.md`.
+`python experiments/benchmark.py --out docs/benchmarks.md` reruns both CPU sections (about 1.5 minutes
+on 2 cores); `--sdxl-load` adds the SDXL rows of the loading table (1-2 minutes more, 7 GB of disk,
+18 GiB of free memory). `python experiments/benchmark.py --gpu-dry-run` checks the GPU section's code
+on the CPU.
 """
 
 GPU_PLACEHOLDER = """Not measured yet (no GPU where the CPU sections ran). On a CUDA machine run
@@ -156,7 +162,7 @@ def command_line(args: argparse.Namespace, section: str) -> str:
     if section == "overhead":
         if args.steps != 20:
             extra.append(f"--steps {args.steps}")
-        if args.repeats != 7:
+        if args.repeats != 11:
             extra.append(f"--repeats {args.repeats}")
     if section == "load" and args.sdxl_load:
         extra.append("--sdxl-load")
@@ -520,7 +526,8 @@ def section_overhead(args: argparse.Namespace) -> tuple[str, dict]:
             f"({f / b * 100:.1f}% of bare); no_grad-only sampling {n_ * 1e3:.2f} ms/step")
         rows.append([batch, f"{res}x{res}", "x".join(map(str, shape)), int(x_in.shape[0]), f"{s * 1e3:.2f}",
                      f"{b * 1e3:.2f}", f"**{overhead * 100:+.1f}%**", f"{paired * 100:+.1f}%", f"{spread * 100:.0f}%"])
-        rows2.append([batch, f"{res}x{res}", f"{unet_insitu * 1e3:.2f}", f"{(med(ti) - med(tu)) / steps * 1e6:.0f}",
+        rows2.append([batch, f"{res}x{res}", f"{unet_insitu * 1e3:.2f}", f"{(unet_insitu - b) / b * 100:+.1f}%",
+                      f"{(med(ti) - med(tu)) / steps * 1e6:.0f}",
                       f"{insitu * 100:+.1f}%", f"{f * 1e6:.0f}", f"{f / b * 100:.1f}%", f"{n_ * 1e3:.2f}"])
 
     batch, res = 1, 32
@@ -545,6 +552,7 @@ def section_overhead(args: argparse.Namespace) -> tuple[str, dict]:
     worst_insitu = max(e["overhead_in_situ"] for e in raw)
     worst_noop = max(e["framework_only_share"] for e in raw)
     fixed = med(e["framework_only_s_per_step"] for e in raw)
+    lo, hi = min(e["framework_only_s_per_step"] for e in raw), max(e["framework_only_s_per_step"] for e in raw)
     progress = med(e["framework_only_with_progress_s_per_step"] - e["framework_only_s_per_step"] for e in raw)
     md = [f"Reproduce: `{command_line(args, 'overhead')}` (about a minute).", "",
           f"Machine: {machine_line()}. Other processes used {busy_other * 100:.0f}% of the machine's CPU time "
@@ -561,14 +569,17 @@ def section_overhead(args: argparse.Namespace) -> tuple[str, dict]:
           f"on this machine.", "",
           table(["batch", "image", "latent", "UNet batch", "sampling ms/step", "bare UNet ms/step", "overhead",
                  "overhead, paired", "bare spread"], rows), "",
-          "The difference of two noisy medians is a weak estimate of a few percent, so the same runs are also "
-          "decomposed. **in situ**: forward hooks on `engine.model` add up the time spent inside it during a "
-          "sampling run; the rest of the run is the framework (median of the per-run ratios rest / UNet). "
+          "The difference of two noisy medians is a weak estimate of a few percent, so each repeat also makes a "
+          "third, instrumented sampling run, **in situ**: forward hooks on `engine.model` add up the time spent "
+          "inside it; the rest of the run is the framework (median of the per-run ratios rest / UNet). "
+          "*in-situ UNet vs bare* compares the UNet's own time inside the loop with the back-to-back replay "
+          "(run-order and allocator effects; not framework code). "
           "**no-op network**: the sampling run with `engine.model` replaced by a function that returns its input "
           "(guider batching, denoiser scalings and sigma quantization, Euler update: everything but the UNet). "
           "Last column: the sampling run without the outer `inference_mode` (only `sample_latents`' own "
           "`no_grad`), as user code calls it.", "",
-          table(["batch", "image", "in-situ UNet ms/step", "in-situ rest µs/step", "in-situ rest / UNet",
+          table(["batch", "image", "in-situ UNet ms/step", "in-situ UNet vs bare", "in-situ rest µs/step",
+                 "in-situ rest / UNet",
                  "no-op network µs/step", "no-op / bare", "sampling, no_grad only, ms/step"], rows2), "",
           f"The progress bar (`progress=true`, the default of `run.py`) adds about {progress * 1e6:.0f} µs/step "
           f"(no-op network, median over the cases).", ""]
@@ -580,10 +591,11 @@ def section_overhead(args: argparse.Namespace) -> tuple[str, dict]:
     verdict = "within" if worst_insitu <= 0.05 and worst_noop <= 0.05 else "**above**"
     md.append(f"Requirement: framework overhead <= 5%. Result: {verdict} the bound by the in-situ and no-op "
               f"measurements (at most {worst_insitu * 100:+.1f}% and {worst_noop * 100:.1f}%); {direct}. The "
-              f"framework costs a fixed ~{fixed * 1e6:.0f} µs per step on this CPU ({n_ops:.0f} small ATen operators "
-              f"per step, by torch.profiler; independent of the network), so its share shrinks as the network grows; for SDXL on a GPU see the "
-              f"last section.")
+              f"framework costs {lo * 1e6:.0f}-{hi * 1e6:.0f} µs per step on this CPU, growing "
+              f"with the batch but not with the network ({n_ops:.0f} small ATen operators per step, by torch.profiler), "
+              f"so its share shrinks as the network grows; for SDXL on a GPU see the last section.")
     rest = med((med(e["raw"]["sample_in_situ"]) - med(e["raw"]["unet_in_situ"])) / steps for e in raw)
+    md.append("")
     md.append(f"In situ the framework's part of a step takes ~{rest * 1e6:.0f} µs (median over the cases) against "
               f"~{fixed * 1e6:.0f} µs with the no-op network: the same operators run slower right after a UNet call "
               f"(cold caches), which is why the in-situ share is the larger of the two estimates.")
@@ -757,14 +769,16 @@ def section_load(args: argparse.Namespace) -> tuple[str, dict]:
                          f"**{(peak - base) / size:.2f}**", mb(used), f"**{(used - base) / size:.2f}**",
                          f"+{mb(d_anon)} / +{mb(d_file)}", f"{res['load_s']:.2f} / {res['touch_s']:.2f}"])
     cmd = command_line(args, "load")
-    md = [f"Reproduce: `{cmd}` (about half a minute{'; several minutes more with `--sdxl-load`' if args.sdxl_load else ''}).",
+    more = "; 1-2 minutes more with `--sdxl-load`" if args.sdxl_load else ""
+    md = [f"Reproduce: `{cmd}` (about half a minute{more}).",
           "", f"Machine: {machine_line()}.", "",
           "A model is built with random weights and written with `sgm.checkpoint.save_checkpoint` "
           "(safetensors, float32 unless noted). A fresh Python process then imports torch, transformers, "
           "open_clip and `sgm.tasks.sample`, composes the config with `model.checkpoint=PATH`, records its RSS "
           "(**baseline**), resets the peak-RSS counter (`/proc/self/clear_refs`) and calls `build_engine`, which "
           "builds the engine on the meta device and loads the file with `load_checkpoint` (as stored, and with "
-          "`model.weight_dtype=bfloat16`, which casts every tensor while loading). **peak during load** is `resource.getrusage(RUSAGE_SELF).ru_maxrss` right after `build_engine` "
+          "`model.weight_dtype=bfloat16`, which casts every tensor while loading). **peak during load** is "
+          "`resource.getrusage(RUSAGE_SELF).ru_maxrss` right after `build_engine` "
           "returns (equal to `VmHWM`; the child is started through `sh` because an exec'd child of a large process "
           "inherits that process' RSS in `ru_maxrss`). Then every weight is read once (as a first forward "
           "pass would) and the peak is taken again: **after reading every weight**, split into anonymous memory "
@@ -779,10 +793,9 @@ def section_load(args: argparse.Namespace) -> tuple[str, dict]:
           "any weight is read, and the weights become resident on first use as file-backed pages shared with the "
           "page cache (two processes loading the same file share them), not as a second, anonymous copy: once "
           "every weight has been read, RSS exceeds the baseline by about the file size. With a cast "
-          "(`model.weight_dtype` different from the file's dtype) every tensor is read and copied while loading, "
-          "and the map stays until the last tensor is cast, so the peak is the cast copy (anonymous) plus the "
-          "whole file (file-backed, clean and reclaimable): about 2x the file size for float16 -> bfloat16, "
-          "1.5x for float32 -> bfloat16; afterwards only the cast copy remains. An in-place write to a weight "
+          "(`model.weight_dtype` set) the file is not mapped: each tensor is read into its own buffer and cast, "
+          "so the peak is the cast copy plus one tensor (about 1x the file for float16 -> bfloat16, 0.5x for "
+          "float32 -> bfloat16). An in-place write to a weight "
           "loaded without a cast (e.g. merging a LoRA) copies the pages it touches into anonymous memory."]
     if not args.sdxl_load:
         md += ["", "`--sdxl-load` adds SDXL base (random weights written in float16, ~6.9 GB; needs 10 GiB of "
@@ -796,7 +809,7 @@ def section_load(args: argparse.Namespace) -> tuple[str, dict]:
 def gpu_spec(args: argparse.Namespace) -> dict:
     if args.gpu_dry_run:
         return {"model": "tiny", "refiner_network": "tiny", "res": 64, "steps": 2, "batches": [1, 2],
-                "dtype": "float32", "device": "cpu", "repeats": 1, "unet_calls": 3, "decode_repeats": 1,
+                "dtype": args.gpu_dry_run_dtype, "device": "cpu", "repeats": 1, "unet_calls": 3, "decode_repeats": 1,
                 "meta_check": ["sdxl_base", "sdxl_refiner"], "cfg_scale": 5.0, "refiner_latent": 16}
     return {"model": "sdxl_base", "refiner_network": "sdxl_refiner", "res": args.gpu_res, "steps": args.gpu_steps,
             "batches": args.gpu_batches, "dtype": "bfloat16", "device": "cuda", "repeats": 2, "unet_calls": 10,
@@ -980,7 +993,8 @@ def section_gpu(args: argparse.Namespace) -> tuple[str, dict]:
         b = 2  # CFG batch of one image
         x = torch.randn(b, node["in_channels"], latent, latent, device=device)
         t = torch.full((b,), 500, device=device, dtype=torch.long)
-        c = {"crossattn": torch.randn(b, 77, ctx, device=device), "vector": torch.randn(b, node["adm_in_channels"], device=device)}
+        c = {"crossattn": torch.randn(b, 77, ctx, device=device),
+             "vector": torch.randn(b, node["adm_in_channels"], device=device)}
         with torch.inference_mode():
             wrapper(x, t, c)
             wrapper(x, t, c)
@@ -1007,8 +1021,8 @@ def render_gpu(res: dict) -> str:
           f"UNet, text encoders and VAE in {spec['dtype']}, SDPA attention, TF32 allowed. "
           f"Euler (EDM schedule over the model's sigma range), CFG {spec['cfg_scale']}, {spec['steps']} steps, "
           f"{spec['res']}x{spec['res']}. Timings are the best of {spec['repeats']} runs after a warm-up. "
-          + (f"Build: {res['build_s']:.1f} s; weights on the GPU {res.get('weights_gib', '?')} GiB. "
-             if "build_s" in res else ""), ""]
+          + (f"Build: {res['build_s']:.1f} s. " if "build_s" in res else "")
+          + (f"Weights on the GPU: {res['weights_gib']:.2f} GiB. " if "weights_gib" in res else ""), ""]
     rows = []
     for p in res.get("pipelines", []):
         if "s_per_image" not in p:
@@ -1020,6 +1034,12 @@ def render_gpu(res: dict) -> str:
     if rows:
         md.append(table(["batch", "UNet batch", "s / image", "s / batch", "sampling ms/step", "bare UNet ms/step",
                          "overhead", "text encoders ms", "VAE decode ms", "peak GPU memory GiB"], rows))
+        md.append("")
+    done = [p for p in res.get("pipelines", []) if "overhead" in p]
+    if done:
+        worst = max(p["overhead"] for p in done)
+        md.append(f"Framework overhead, (sampling - bare UNet) / bare UNet per step: at most {worst * 100:+.1f}% "
+                  f"(requirement: <= 5%; *bare* replays the run's own {spec['steps']} `engine.model` calls).")
         md.append("")
     if "decode_b1_s" in res:
         md.append(f"VAE decode of one {spec['res']}x{spec['res']} image alone: {res['decode_b1_s'] * 1e3:.0f} ms"
@@ -1042,7 +1062,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="markdown file whose sections are replaced/added")
     p.add_argument("--json", type=Path, default=None, help="raw results of the CPU sections")
     p.add_argument("--steps", type=int, default=20, help="sampling steps of the overhead section")
-    p.add_argument("--repeats", type=int, default=7, help="repeats of the overhead section")
+    p.add_argument("--repeats", type=int, default=11, help="repeats of the overhead section")
     p.add_argument("--profile", action="store_true", help="always print the framework-only profile")
     p.add_argument("--workdir", default="/tmp/sgm-benchmark", help="where checkpoints are written")
     p.add_argument("--sdxl-load", action="store_true", help="also the SDXL base float16 checkpoint (~6.9 GB)")
@@ -1052,6 +1072,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the GPU section's code on the CPU (tiny YAMLs, 64x64, 2 steps, float32, Hydra blocked)")
     p.add_argument("--gpu-budget-s", type=int, default=210,
                    help="skip the optional GPU measurements (batch > first, decode, refiner) once this is spent")
+    p.add_argument("--gpu-dry-run-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--gpu-res", type=int, default=1024)
     p.add_argument("--gpu-steps", type=int, default=30)
     p.add_argument("--gpu-batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4])

@@ -48,9 +48,53 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class _SafetensorsReader:
+    """Reads one tensor at a time with ``pread`` into its own buffer (no memory map): used when
+    every tensor is cast anyway, so that the file is never resident beside the cast copy."""
+
+    def __init__(self, path: Path):
+        import struct
+
+        self.fd = os.open(path, os.O_RDONLY)
+        (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+        self.header = json.loads(os.pread(self.fd, n, 8))
+        self.header.pop("__metadata__", None)
+        self.base = 8 + n
+
+    def get(self, key: str) -> torch.Tensor:
+        info = self.header[key]
+        start, end = info["data_offsets"]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"tensor {key} has dtype {info['dtype']}, which this reader does not support")
+        buf = bytearray(end - start)
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            chunk = os.preadv(self.fd, [view[done:]], self.base + start + done)
+            if chunk <= 0:
+                raise ValueError(f"file ends inside tensor {key}")
+            done += chunk
+        if not buf:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 @contextmanager
-def open_state_dict(path: str | os.PathLike) -> Iterator[tuple[dict[str, tuple[tuple[int, ...], str]], Any]]:
-    """Yield ``(index, get)``: key -> (shape, dtype name) without reading data, and ``get(key)``."""
+def open_state_dict(path: str | os.PathLike, stream: bool = False
+                    ) -> Iterator[tuple[dict[str, tuple[tuple[int, ...], str]], Any]]:
+    """Yield ``(index, get)``: key -> (shape, dtype name) without reading data, and ``get(key)``.
+
+    Safetensors tensors are views of a memory map (weights become resident on first use, shared
+    with the page cache) unless ``stream``: then each is read into its own buffer, which is what
+    a cast-while-loading wants (peak = the cast copy plus one tensor)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
@@ -63,7 +107,14 @@ def open_state_dict(path: str | os.PathLike) -> Iterator[tuple[dict[str, tuple[t
                 index[k] = (tuple(sl.get_shape()), sl.get_dtype())
         except Exception as exc:  # noqa: BLE001 - a corrupt header surfaces as several error types
             raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
-        yield index, f.get_tensor
+        if not stream:
+            yield index, f.get_tensor
+            return
+        reader = _SafetensorsReader(path)
+        try:
+            yield index, reader.get
+        finally:
+            reader.close()
         return
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         try:
@@ -128,7 +179,7 @@ def load_checkpoint(
     dtype = parse_dtype(dtype)
     model_sd = model.state_dict(keep_vars=True)
     expected = {k: tuple(v.shape) for k, v in model_sd.items()}
-    with open_state_dict(path) as (index, get):
+    with open_state_dict(path, stream=dtype is not None or bool(keep_float32)) as (index, get):
         report = compare_keys(expected, {k: shape for k, (shape, _) in index.items()})
         if any(report.values()):
             raise CheckpointMismatchError(format_mismatch(path, report))

@@ -113,13 +113,13 @@ def convert_sgm_config(node: Any) -> Any:
 
 def instantiate(node: Any, **overrides: Any) -> Any:
     """Build an object from an sgm node, a Hydra node, or return an already built object."""
-    from hydra.utils import instantiate as hydra_instantiate
-
     if node is None:
         return None
     if is_sgm_node(node):
         node = convert_sgm_config(node)
     if isinstance(node, Mapping) and "_target_" in node:
+        from hydra.utils import instantiate as hydra_instantiate  # only configs need Hydra
+
         return hydra_instantiate(node, **overrides)
     if overrides:
         raise TypeError(f"cannot apply overrides {sorted(overrides)} to an already built {type(node).__name__}")

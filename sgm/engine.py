@@ -328,8 +328,12 @@ class DiffusionEngine(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.loss_fn is None:
             raise RuntimeError("this engine has no loss_fn: configure `loss` to train")
-        torch.manual_seed(self.step_seed(self.train_seed, self.global_step))  # adapter dropout, etc.
-        g = torch.Generator().manual_seed(self.step_seed(self.train_seed + 1, self.global_step))
+        # one seed per micro-batch: (optimizer step, position within gradient accumulation)
+        accumulate = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1) if self._trainer else 1
+        micro = self.trainer.fit_loop.epoch_loop.total_batch_idx % accumulate if accumulate > 1 else 0
+        step = self.global_step * accumulate + micro
+        torch.manual_seed(self.step_seed(self.train_seed, step))  # adapter dropout, etc.
+        g = torch.Generator().manual_seed(self.step_seed(self.train_seed + 1, step))
         x = self.training_latents(batch)
         cond = self.training_conditioning(batch)
         loss = self.loss_fn.compute(self.model, self.denoiser, cond, x, generator=g).mean()

@@ -121,3 +121,20 @@ def test_loss_forward_uses_conditioner_and_is_deterministic_with_a_generator():
         _loss(loss_type="huber2")
     with pytest.raises(ValueError, match="offset_noise_level"):
         _loss(offset_noise_level=-0.1)
+
+
+def test_discrete_denoiser_c_noise_follows_sgm_for_every_scaling():
+    """c_noise = index of the scaling's c_noise: sigma's own index for Eps/V, sgm's rule otherwise."""
+    seen = {}
+
+    def network(x_in, c_noise, cond):
+        seen["c"] = c_noise
+        return torch.zeros_like(x_in)
+
+    sigma = torch.tensor([0.5, 7.0])
+    for scaling in (EpsScaling(), VScaling(), VScalingWithEDMcNoise(), EDMScaling()):
+        den = DiscreteDenoiser(scaling, 1000, LegacyDDPMDiscretization())
+        den(network, torch.ones(2, 3), sigma, {})
+        q = den.sigmas[den.sigma_to_idx(sigma)]
+        expected = den.sigma_to_idx(scaling(q)[3])
+        assert torch.equal(seen["c"], expected), type(scaling).__name__

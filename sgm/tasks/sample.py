@@ -68,9 +68,10 @@ def build_engine(model_cfg: DictConfig, seed: int = 0) -> DiffusionEngine:
     else:
         torch.manual_seed(seed)
         engine = instantiate(node)
-        if dtype is not None:
+        if dtype is not None:  # weights only: the denoiser's sigma table stays float32
             vae_dtype = torch.float32 if dtype == torch.float16 and not engine.first_stage_fp16_safe else dtype
-            engine.to(dtype)
+            engine.model.to(dtype)
+            engine.conditioner.to(dtype)
             engine.first_stage_model.to(vae_dtype)
     return engine.eval()
 
