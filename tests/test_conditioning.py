@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from sgm.conditioning import (
 )
 from sgm.config import instantiate, resolve_target
 
-REFERENCE = Path("/work/shared/reference")
+from _paths import REFERENCE
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2}
 TINY_BIGG = {"width": 48, "heads": 4, "layers": 3}
 TINY_EMBED = 24

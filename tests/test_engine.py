@@ -14,7 +14,7 @@ from sgm.engine import schedule_slice
 from sgm.tasks.sample import build_engine, engine_node
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT.parent / "shared" / "reference"
+from _paths import REFERENCE
 DATA = Path(__file__).parent / "data"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from sgm.networks.util import timestep_embedding
 
 from _nets_convert import diffusers_unet_config, unet_to_diffusers, vae_to_diffusers
 
-REF = Path("/work/shared/reference")
+from _paths import REFERENCE as REF
 
 SDXL_BASE = dict(
     adm_in_channels=2816, num_classes="sequential", use_checkpoint=True, in_channels=4, out_channels=4,

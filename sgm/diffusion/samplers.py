@@ -207,67 +207,50 @@ class HeunEDMSampler(EulerEDMSampler):
         return x + (d + d_next) / 2 * dt
 
 
-class _AncestralMixin:
-    """Fresh-noise injection shared by the ancestral samplers."""
+class AncestralSampler(BaseDiffusionSampler):
+    """Shared loop of the ancestral samplers: a deterministic step down to sigma_down, then
+    fresh noise of std ``s_noise * sigma_up`` (none on the last step). ``eta`` = 0 is deterministic."""
 
-    eta: float
-    s_noise: float
-
-    def _init_ancestral(self, eta: float, s_noise: float) -> None:
+    def __init__(self, discretization: Any = None, num_steps: int | None = None, guider: Any = None,
+                 eta: float = 1.0, s_noise: float = 1.0, **kwargs: Any):
+        super().__init__(discretization, num_steps, guider, **kwargs)
         self.eta = check_positive("eta", eta, allow_zero=True)
         self.s_noise = check_positive("s_noise", s_noise, allow_zero=True)
 
-    def add_noise(self, x, sigma_next, sigma_up, generator):
-        if sigma_next > 0 and sigma_up > 0:
-            x = x + BaseDiffusionSampler.noise_like(x, generator) * (self.s_noise * sigma_up)
+    def _loop(self, denoise, x, sigmas, cond, uc, generator, callback):
+        for i in self.steps(len(sigmas) - 1):
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, self.eta)
+            denoised = self.guided_denoise(denoise, x, sigma, cond, uc)
+            self._report(callback, i=i, sigma=sigma, sigma_hat=sigma, sigma_next=sigma_next, x=x, denoised=denoised)
+            x = self.step_down(denoise, x, denoised, sigma, sigma_down, cond, uc)
+            if sigma_next > 0 and sigma_up > 0:
+                x = x + self.noise_like(x, generator) * (self.s_noise * sigma_up)
         return x
 
+    def step_down(self, denoise, x, denoised, sigma, sigma_down, cond, uc) -> torch.Tensor:
+        raise NotImplementedError
 
-class EulerAncestralSampler(_AncestralMixin, BaseDiffusionSampler):
+
+class EulerAncestralSampler(AncestralSampler):
     """Euler step down to sigma_down, then fresh noise of std sigma_up (k-diffusion's euler_ancestral)."""
 
-    def __init__(self, discretization: Any = None, num_steps: int | None = None, guider: Any = None,
-                 eta: float = 1.0, s_noise: float = 1.0, **kwargs: Any):
-        super().__init__(discretization, num_steps, guider, **kwargs)
-        self._init_ancestral(eta, s_noise)
-
-    def _loop(self, denoise, x, sigmas, cond, uc, generator, callback):
-        for i in self.steps(len(sigmas) - 1):
-            sigma, sigma_next = sigmas[i], sigmas[i + 1]
-            sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, self.eta)
-            denoised = self.guided_denoise(denoise, x, sigma, cond, uc)
-            self._report(callback, i=i, sigma=sigma, sigma_hat=sigma, sigma_next=sigma_next, x=x, denoised=denoised)
-            x = x + (x - denoised) / sigma * (sigma_down - sigma)
-            x = self.add_noise(x, sigma_next, sigma_up, generator)
-        return x
+    def step_down(self, denoise, x, denoised, sigma, sigma_down, cond, uc) -> torch.Tensor:
+        return x + (x - denoised) / sigma * (sigma_down - sigma)
 
 
-class DPMPP2SAncestralSampler(_AncestralMixin, BaseDiffusionSampler):
+class DPMPP2SAncestralSampler(AncestralSampler):
     """DPM-Solver++(2S) (Lu et al. 2022, Alg. 1 with r = 1/2) plus ancestral noise."""
 
-    def __init__(self, discretization: Any = None, num_steps: int | None = None, guider: Any = None,
-                 eta: float = 1.0, s_noise: float = 1.0, **kwargs: Any):
-        super().__init__(discretization, num_steps, guider, **kwargs)
-        self._init_ancestral(eta, s_noise)
-
-    def _loop(self, denoise, x, sigmas, cond, uc, generator, callback):
-        for i in self.steps(len(sigmas) - 1):
-            sigma, sigma_next = sigmas[i], sigmas[i + 1]
-            sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, self.eta)
-            denoised = self.guided_denoise(denoise, x, sigma, cond, uc)
-            self._report(callback, i=i, sigma=sigma, sigma_hat=sigma, sigma_next=sigma_next, x=x, denoised=denoised)
-            if sigma_down == 0:
-                x = denoised  # Euler to sigma 0: no second evaluation
-            else:
-                t, t_next = -math.log(sigma), -math.log(sigma_down)
-                h = t_next - t
-                s = t + 0.5 * h
-                sigma_s = math.exp(-s)
-                x_2 = (sigma_s / sigma) * x - math.expm1(-0.5 * h) * denoised
-                denoised_2 = self.guided_denoise(denoise, x_2, sigma_s, cond, uc)
-                x = (sigma_down / sigma) * x - math.expm1(-h) * denoised_2
-            x = self.add_noise(x, sigma_next, sigma_up, generator)
-        return x
+    def step_down(self, denoise, x, denoised, sigma, sigma_down, cond, uc) -> torch.Tensor:
+        if sigma_down == 0:
+            return denoised  # Euler to sigma 0: no second evaluation
+        t, t_next = -math.log(sigma), -math.log(sigma_down)
+        h = t_next - t
+        sigma_s = math.exp(-(t + 0.5 * h))
+        x_2 = (sigma_s / sigma) * x - math.expm1(-0.5 * h) * denoised
+        denoised_2 = self.guided_denoise(denoise, x_2, sigma_s, cond, uc)
+        return (sigma_down / sigma) * x - math.expm1(-h) * denoised_2
 
 
 class DPMPP2MSampler(BaseDiffusionSampler):
