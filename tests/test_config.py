@@ -126,6 +126,16 @@ def test_multirun_sweeps_the_guidance_scale(tmp_path):
     assert len(runs) == 3
     scales = [yaml.safe_load((r.parent / ".hydra" / "config.yaml").read_text())["guider"]["scale"] for r in runs]
     assert scales == [1, 3, 5]
+    # the sweep summarizes itself: one row per value, a plot per metric, a grid per value
+    import csv
+
+    with open(tmp_path / "sweep" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["guider.scale"] for r in rows] == ["1", "3", "5"] and all(float(r["seconds_per_image"]) > 0 for r in rows)
+    assert (tmp_path / "sweep" / "summary.md").is_file()
+    assert (tmp_path / "sweep" / "summary_seconds_per_image.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "sweep").glob("grid_*.png")) == [
+        "grid_guider.scale=1.png", "grid_guider.scale=3.png", "grid_guider.scale=5.png"]
 
 
 # --- original sgm YAML ---------------------------------------------------------------------
@@ -155,3 +165,18 @@ def test_unknown_sgm_target_is_named():
     node = {"target": "sgm.modules.diffusionmodules.sampling.DDIMSampler", "params": {"num_steps": 3}}
     with pytest.raises(ValueError, match="sgm.modules.diffusionmodules.sampling.DDIMSampler"):
         convert_sgm_config({"sampler_config": node})
+
+
+def test_parallel_launcher_runs_a_summarized_sweep(tmp_path):
+    res = _run("-m", "hydra/launcher=parallel", "guider.scale=0,3", "steps=3", "progress=false", "cpu_threads=1",
+               "~logger", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Joblib.Parallel" in res.stdout + res.stderr
+    assert len((tmp_path / "sweep" / "summary.csv").read_text().splitlines()) == 3
+
+
+def test_slurm_launcher_config_composes():
+    res = _run("hydra/launcher=slurm", "--cfg", "hydra")
+    assert res.returncode == 0, res.stderr[-2000:]
+    launcher = yaml.safe_load(res.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("SlurmLauncher") and launcher["gpus_per_node"] == 1
