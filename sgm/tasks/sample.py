@@ -21,6 +21,7 @@ import sgm
 from ..checkpoint import load_checkpoint, parse_dtype
 from ..data.prompts import PromptDataModule, make_jobs, read_prompt_file
 from ..engine import DiffusionEngine
+from .wandb_logger import finish_wandb
 from .writer import ImageWriter
 
 log = logging.getLogger(__name__)
@@ -168,10 +169,5 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                         "seed": int(cfg.seed), "H": int(cfg.H), "W": int(cfg.W)})
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer], logger=make_logger(cfg, out_dir) or False)
     trainer.predict(engine, datamodule=PromptDataModule(jobs, int(cfg.batch_size)), return_predictions=False)
-    for lg in trainer.loggers:
-        if type(lg).__name__ == "WandbLogger":
-            try:
-                lg.experiment.finish()
-            except Exception as exc:  # noqa: BLE001
-                log.warning("could not close the W&B run: %s", exc)
+    finish_wandb(trainer)
     return writer.metrics

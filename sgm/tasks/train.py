@@ -17,6 +17,7 @@ from ..checkpoint import save_checkpoint
 from ..engine import DiffusionEngine
 from .callbacks import SampleImages, SaveFinalWeights, ValidationLoss
 from .sample import apply_runtime_settings, build_engine, make_logger, run_dir
+from .wandb_logger import finish_wandb
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +144,5 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, enable_checkpointing=True)
     trainer.fit(engine, datamodule=datamodule, ckpt_path=resume)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    for lg in trainer.loggers:
-        if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero:
-            try:
-                lg.experiment.finish()
-            except Exception as exc:  # noqa: BLE001
-                log.warning("could not close the W&B run: %s", exc)
+    finish_wandb(trainer)
     return metrics

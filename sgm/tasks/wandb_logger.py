@@ -43,3 +43,15 @@ def make_wandb_logger(project: str = "sgm", save_dir: str = ".", mode: str = "au
     except Exception as exc:  # noqa: BLE001
         log.warning("W&B logger unavailable (%s); continuing without it", exc)
         return None
+
+
+def finish_wandb(trainer: Any) -> None:
+    """Close the job's W&B run (rank 0), so that each job of a multirun gets its own run."""
+    if not trainer.is_global_zero:
+        return
+    for lg in trainer.loggers:
+        if type(lg).__name__ == "WandbLogger":
+            try:
+                lg.experiment.finish()
+            except Exception as exc:  # noqa: BLE001 - W&B must never fail the run
+                log.warning("could not close the W&B run: %s", exc)
