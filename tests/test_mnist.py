@@ -39,3 +39,20 @@ def test_export_feeds_the_image_folder_datamodule(mnist, tmp_path):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["jpg"].shape == (4, 3, 32, 32) and batch["txt"][0].startswith("a handwritten digit ")
+
+
+def test_shipped_digit_classifier_is_accurate_on_the_held_out_split(mnist):
+    import torch
+
+    from sgm.data.mnist import pad32
+    from sgm.metrics.digits import load_digit_classifier
+
+    images, labels = mnist
+    _, held = split(labels)
+    x = torch.from_numpy(np.stack([pad32(im) for im in images[held]])).float()[:, None] / 127.5 - 1
+    model = load_digit_classifier()
+    with torch.no_grad():
+        accuracy = (model(x).argmax(1).numpy() == labels[held]).mean()
+        features = model.features(x.expand(-1, 3, -1, -1))
+    assert accuracy >= 0.98, accuracy
+    assert features.shape == (500, model.feature_dim)

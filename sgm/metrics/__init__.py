@@ -1,0 +1,1 @@
+"""Metrics that judge samples (digit accuracy and Fréchet distance for the shipped digit model)."""
