@@ -56,3 +56,24 @@ def test_shipped_digit_classifier_is_accurate_on_the_held_out_split(mnist):
         features = model.features(x.expand(-1, 3, -1, -1))
     assert accuracy >= 0.98, accuracy
     assert features.shape == (500, model.feature_dim)
+
+
+def test_digit_metrics_separate_real_digits_from_noise(mnist):
+    import torch
+
+    from sgm.data.mnist import pad32
+    from sgm.metrics.digits import digit_metrics, held_out_digits
+
+    reference, ref_labels = held_out_digits()
+    images, labels = mnist
+    train, _ = split(labels)
+    pick = np.random.default_rng(0).choice(train, 400, replace=False)  # the file is sorted by digit
+    real = torch.from_numpy(np.stack([pad32(im) for im in images[pick]])).float()[:, None] / 127.5 - 1
+    real_labels = torch.from_numpy(labels[pick])
+    good = digit_metrics(real.expand(-1, 3, -1, -1), real_labels, reference)
+    shuffled = digit_metrics(real, (real_labels + 1) % 10, reference)
+    noise = digit_metrics(torch.rand(400, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1,
+                          real_labels, reference)
+    assert good["accuracy"] >= 0.97 and shuffled["accuracy"] < 0.3
+    assert good["frechet_distance"] < 0.05 * noise["frechet_distance"], (good, noise)
+    assert ref_labels.shape == (500,)

@@ -54,3 +54,55 @@ def load_digit_classifier(path: str | Path = WEIGHTS) -> DigitClassifier:
     model = DigitClassifier()
     model.load_state_dict(load_file(str(path)))
     return model.eval()
+
+
+class _FeatureExtractor(nn.Module):
+    """torchmetrics' custom-feature interface: float images in [0, 1] -> classifier features."""
+
+    def __init__(self, classifier: DigitClassifier):
+        super().__init__()
+        self.classifier = classifier
+        self.num_features = classifier.feature_dim
+
+    def forward(self, images01: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(images01.float() * 2 - 1)
+
+
+@torch.no_grad()
+def digit_metrics(generated: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor,
+                  classifier: DigitClassifier | None = None, batch_size: int = 256) -> dict[str, float]:
+    """Accuracy of ``generated`` digits ([N, C, 32, 32] in [-1, 1]) against the prompted
+    ``labels`` (skipped when None), and the Fréchet distance between generated and
+    ``reference`` digits in the classifier's feature space (torchmetrics' FID with a custom
+    feature extractor)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    classifier = (classifier or load_digit_classifier()).eval()
+    if len(generated) < 2 or len(reference) < 2:
+        raise ValueError("the Fréchet distance needs at least two generated and two reference images")
+    fid = FrechetInceptionDistance(feature=_FeatureExtractor(classifier), normalize=True)
+    out: dict[str, float] = {}
+    correct = 0
+    for i in range(0, len(generated), batch_size):
+        chunk = generated[i:i + batch_size].float()
+        fid.update((chunk.clamp(-1, 1) + 1) / 2, real=False)
+        if labels is not None:
+            correct += int((classifier(chunk).argmax(1).cpu() == labels[i:i + batch_size].cpu()).sum())
+    for i in range(0, len(reference), batch_size):
+        fid.update((reference[i:i + batch_size].float().clamp(-1, 1) + 1) / 2, real=True)
+    if labels is not None:
+        out["accuracy"] = correct / len(generated)
+    out["frechet_distance"] = float(fid.compute())
+    return out
+
+
+def held_out_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out MNIST digits ([500, 1, 32, 32] in [-1, 1]) and labels: the reference set."""
+    import numpy as np
+
+    from ..data.mnist import load_mnist_5k, pad32, split
+
+    images, labels = load_mnist_5k()
+    _, held = split(labels)
+    x = torch.from_numpy(np.stack([pad32(im) for im in images[held]])).float()[:, None] / 127.5 - 1
+    return x, torch.from_numpy(labels[held])
