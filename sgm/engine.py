@@ -138,6 +138,13 @@ class DiffusionEngine(L.LightningModule):
             return torch.float32
         return dtype
 
+    def _first_stage_in_policy_dtype(self) -> tuple[nn.Module, torch.dtype]:
+        """The VAE, cast if needed to the precision policy's dtype (never float16 unless marked safe)."""
+        dtype = self._first_stage_dtype()
+        if module_dtype(self.first_stage_model) != dtype:
+            self.first_stage_model.to(dtype)
+        return self.first_stage_model, dtype
+
     def _first_stage_context(self):
         if self.disable_first_stage_autocast and self.device.type in ("cuda", "cpu"):
             return torch.autocast(self.device.type, enabled=False)
@@ -146,10 +153,7 @@ class DiffusionEngine(L.LightningModule):
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] -> scaled latents (a posterior sample when ``generator`` is given, else its mode)."""
-        dtype = self._first_stage_dtype()
-        vae = self.first_stage_model
-        if module_dtype(vae) != dtype:
-            vae.to(dtype)
+        vae, dtype = self._first_stage_in_policy_dtype()
         with self._first_stage_context():
             z = vae.encode(x.to(dtype), generator=generator) if generator is not None else vae.encode(x.to(dtype))
         return (self.scale_factor * z).float()
@@ -157,10 +161,7 @@ class DiffusionEngine(L.LightningModule):
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1], float32."""
-        dtype = self._first_stage_dtype()
-        vae = self.first_stage_model
-        if module_dtype(vae) != dtype:
-            vae.to(dtype)  # the precision policy: never float16 unless marked safe
+        vae, dtype = self._first_stage_in_policy_dtype()
         with self._first_stage_context():
             x = vae.decode((z / self.scale_factor).to(dtype))
         return x.float()
