@@ -107,16 +107,19 @@ def test_cli_bad_value_fails_before_writing_anything(tmp_path):
 
 
 def test_run_writes_images_grid_and_metrics(tmp_path):
+    """The shipped default (model=digits, metrics=digits): ten digits, judged in metrics.json."""
     res = _run("progress=false", "steps=8", "sampler=dpmpp_2m", f"hydra.run.dir={tmp_path}/run")
     assert res.returncode == 0, res.stderr
     out = tmp_path / "run"
     assert len(list(out.glob("0*.png"))) == 10 and (out / "grid.png").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 10 and metrics["network_evaluations_per_batch"] == 8  # one (uc + c) call per step
+    assert metrics["labelled_images"] == 10 and metrics["accuracy"] >= 0.8 and metrics["frechet_distance"] > 0
     from PIL import Image
 
     meta = Image.open(out / "00003.png").text
-    assert meta["prompt"] == "a digit 3" and meta["seed"] == "45" and "EulerEDMSampler" not in meta["config"]
+    assert meta["prompt"] == "a handwritten digit three" and meta["seed"] == "45"
+    assert "EulerEDMSampler" not in meta["config"]
 
 
 def test_multirun_sweeps_the_guidance_scale(tmp_path):
@@ -134,6 +137,18 @@ def test_multirun_sweeps_the_guidance_scale(tmp_path):
     assert [r["guider.scale"] for r in rows] == ["1", "3", "5"] and all(float(r["seconds_per_image"]) > 0 for r in rows)
     assert (tmp_path / "sweep" / "summary.md").is_file()
     assert (tmp_path / "sweep" / "summary_seconds_per_image.png").is_file()
+    assert all(0 <= float(r["accuracy"]) <= 1 and float(r["frechet_distance"]) > 0 for r in rows)
+    assert (tmp_path / "sweep" / "summary_accuracy.png").is_file()
+    assert (tmp_path / "sweep" / "summary_frechet_distance.png").is_file()
+    # one W&B run per job, grouped by the sweep, each with the job's metrics
+    from test_run import wandb_records
+
+    runs = [wandb_records(r.parent) for r in sorted((tmp_path / "sweep").glob("*/metrics.json"))]
+    assert len({rec["run"][0].run.run_id for rec in runs}) == 3
+    assert {rec["run"][0].run.run_group for rec in runs} == {"sweep"}
+    for rec in runs:
+        keys = {item.key for h in rec.get("history", []) for item in h.history.item}
+        assert {"accuracy", "frechet_distance"} <= keys, keys
     assert sorted(p.name for p in (tmp_path / "sweep").glob("grid_*.png")) == [
         "grid_guider.scale=1.png", "grid_guider.scale=3.png", "grid_guider.scale=5.png"]
 

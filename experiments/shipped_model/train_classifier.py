@@ -1,6 +1,10 @@
 """Train the digit classifier that judges generated digits, on the MNIST sample's train split.
 
     python experiments/shipped_model/train_classifier.py      # writes sgm/assets/digit_classifier.safetensors
+    python experiments/shipped_model/train_classifier.py --stats-only   # only the reference statistics
+
+Also writes ``sgm/assets/digit_reference_stats.safetensors``: the FID feature statistics of the
+500 held-out digits, so that sampling can report the Fréchet distance without the dataset.
 
 Seeded (seed 0); prints the held-out accuracy (the 500 digits never trained on).
 """
@@ -15,7 +19,7 @@ import torch.nn.functional as F
 
 from sgm.checkpoint import write_safetensors
 from sgm.data.mnist import load_mnist_5k, pad32, split
-from sgm.metrics.digits import WEIGHTS, DigitClassifier
+from sgm.metrics.digits import REFERENCE_STATS, WEIGHTS, DigitClassifier, held_out_digits, load_digit_classifier, reference_stats
 
 log = logging.getLogger("train_classifier")
 
@@ -41,7 +45,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(WEIGHTS))
+    parser.add_argument("--stats-out", default=str(REFERENCE_STATS))
+    parser.add_argument("--stats-only", action="store_true", help="only recompute the held-out feature statistics")
     args = parser.parse_args()
+    if args.stats_only:
+        write_stats(args.out, args.stats_out)
+        return
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
     images, labels = load_mnist_5k()
@@ -70,6 +79,14 @@ def main() -> None:
     write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, args.out,
                       {"held_out_accuracy": f"{acc:.4f}", "seed": str(args.seed), "epochs": str(args.epochs)})
     log.info("wrote %s (held-out accuracy %.4f)", args.out, acc)
+    write_stats(args.out, args.stats_out)
+
+
+def write_stats(classifier_path: str, out: str) -> None:
+    reference, _ = held_out_digits()
+    stats = reference_stats(reference, load_digit_classifier(classifier_path))
+    write_safetensors(stats, out, {"images": str(len(reference)), "split": "held_out (50 per digit, seed 0)"})
+    log.info("wrote %s (%d held-out digits)", out, len(reference))
 
 
 if __name__ == "__main__":

@@ -56,8 +56,9 @@ def split(labels: np.ndarray, held_out_per_class: int = 50, seed: int = 0) -> tu
     return train, held_out
 
 
-def caption(label: int) -> str:
-    return f"a handwritten digit {DIGIT_WORDS[int(label)]}"
+def caption(label: int, numeral: bool = False) -> str:
+    """"a handwritten digit seven", or with ``numeral`` "a handwritten digit 7"."""
+    return f"a handwritten digit {int(label) if numeral else DIGIT_WORDS[int(label)]}"
 
 
 def pad32(image: np.ndarray) -> np.ndarray:
@@ -66,17 +67,23 @@ def pad32(image: np.ndarray) -> np.ndarray:
 
 
 def export_image_folder(out_dir: str | Path, which: str = "train", held_out_per_class: int = 50,
-                        seed: int = 0) -> int:
-    """Write split ``which`` ("train" or "held_out") as NNNNN.png + NNNNN.txt; returns the count."""
+                        seed: int = 0, numerals: float = 0.0) -> int:
+    """Write split ``which`` ("train" or "held_out") as NNNNN.png + NNNNN.txt; returns the count.
+
+    A fraction ``numerals`` of the captions (chosen by ``seed``) name the digit as a numeral
+    ("a handwritten digit 7"), the others as a word, so that a model learns both."""
+    if not 0.0 <= numerals <= 1.0:
+        raise ValueError(f"numerals must be a fraction in [0, 1], got {numerals}")
     if which not in ("train", "held_out"):
         raise ValueError(f"which must be 'train' or 'held_out', got {which!r}")
     images, labels = load_mnist_5k()
     train, held = split(labels, held_out_per_class, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    as_numeral = np.random.default_rng([seed, 1]).random(len(labels)) < numerals
     for i in (train if which == "train" else held):
         Image.fromarray(pad32(images[i])).convert("RGB").save(out / f"{i:05d}.png")
-        (out / f"{i:05d}.txt").write_text(caption(labels[i]))
+        (out / f"{i:05d}.txt").write_text(caption(labels[i], bool(as_numeral[i])))
     n = len(train if which == "train" else held)
     log.info("wrote %d %s digits to %s", n, which, out)
     return n

@@ -4,12 +4,17 @@ their Fréchet distance. Trained on the MNIST sample's training split only
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.mnist import DIGIT_WORDS
+
+log = logging.getLogger(__name__)
 WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "digit_classifier.safetensors"
 
 
@@ -31,8 +36,9 @@ class DigitClassifier(nn.Module):
 
     @staticmethod
     def to_gray(images: torch.Tensor) -> torch.Tensor:
-        """[B, 3 or 1, 32, 32] in [-1, 1] -> [B, 1, 32, 32]."""
-        return images.mean(dim=1, keepdim=True) if images.shape[1] == 3 else images
+        """[B, 3 or 1, 32, 32] in [-1, 1] -> [B, 1, 32, 32]: the ink intensity (brightest
+        channel), so a digit in coloured ink on black reads as the same digit in white."""
+        return images.amax(dim=1, keepdim=True) if images.shape[1] == 3 else images
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         x = self.to_gray(images)
@@ -68,19 +74,48 @@ class _FeatureExtractor(nn.Module):
         return self.classifier.features(images01.float() * 2 - 1)
 
 
-@torch.no_grad()
-def digit_metrics(generated: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor,
-                  classifier: DigitClassifier | None = None, batch_size: int = 256) -> dict[str, float]:
-    """Accuracy of ``generated`` digits ([N, C, 32, 32] in [-1, 1]) against the prompted
-    ``labels`` (skipped when None), and the Fréchet distance between generated and
-    ``reference`` digits in the classifier's feature space (torchmetrics' FID with a custom
-    feature extractor)."""
+REFERENCE_STATS = WEIGHTS.parent / "digit_reference_stats.safetensors"
+_STAT_KEYS = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+def _fid(classifier: DigitClassifier):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
+    return FrechetInceptionDistance(feature=_FeatureExtractor(classifier), normalize=True)
+
+
+@torch.no_grad()
+def reference_stats(reference: torch.Tensor, classifier: DigitClassifier | None = None) -> dict[str, torch.Tensor]:
+    """torchmetrics' real-image FID states (feature sum, feature outer-product sum, count) of
+    ``reference`` digits: what ships as ``digit_reference_stats.safetensors``."""
+    fid = _fid((classifier or load_digit_classifier()).eval())
+    fid.update((reference.float().clamp(-1, 1) + 1) / 2, real=True)
+    return {k: getattr(fid, k).detach().clone().reshape(-1) if k.endswith("samples") else getattr(fid, k).detach().clone()
+            for k in _STAT_KEYS}
+
+
+def load_reference_stats(path: str | Path = REFERENCE_STATS) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run experiments/shipped_model/train_classifier.py --stats-only")
+    return load_file(str(path))
+
+
+@torch.no_grad()
+def digit_metrics(generated: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor | None = None,
+                  classifier: DigitClassifier | None = None, batch_size: int = 256,
+                  stats: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Accuracy of ``generated`` digits ([N, C, 32, 32] in [-1, 1]) against the prompted
+    ``labels`` (skipped when None), and the Fréchet distance between generated and reference
+    digits in the classifier's feature space (torchmetrics' FID with a custom feature
+    extractor). The reference is ``reference`` images, else ``stats`` from
+    :func:`reference_stats`, else the shipped statistics of the 500 held-out digits."""
     classifier = (classifier or load_digit_classifier()).eval()
-    if len(generated) < 2 or len(reference) < 2:
-        raise ValueError("the Fréchet distance needs at least two generated and two reference images")
-    fid = FrechetInceptionDistance(feature=_FeatureExtractor(classifier), normalize=True)
+    if len(generated) < 2:
+        raise ValueError("the Fréchet distance needs at least two generated images")
+    fid = _fid(classifier)
     out: dict[str, float] = {}
     correct = 0
     for i in range(0, len(generated), batch_size):
@@ -88,12 +123,71 @@ def digit_metrics(generated: torch.Tensor, labels: torch.Tensor | None, referenc
         fid.update((chunk.clamp(-1, 1) + 1) / 2, real=False)
         if labels is not None:
             correct += int((classifier(chunk).argmax(1).cpu() == labels[i:i + batch_size].cpu()).sum())
-    for i in range(0, len(reference), batch_size):
-        fid.update((reference[i:i + batch_size].float().clamp(-1, 1) + 1) / 2, real=True)
+    if reference is not None:
+        if len(reference) < 2:
+            raise ValueError("the Fréchet distance needs at least two reference images")
+        for i in range(0, len(reference), batch_size):
+            fid.update((reference[i:i + batch_size].float().clamp(-1, 1) + 1) / 2, real=True)
+    else:
+        stats = stats if stats is not None else load_reference_stats()
+        for k in _STAT_KEYS:
+            state = getattr(fid, k)
+            setattr(fid, k, stats[k].to(state.dtype).reshape(state.shape))
     if labels is not None:
         out["accuracy"] = correct / len(generated)
     out["frechet_distance"] = float(fid.compute())
     return out
+
+
+_NUMBER = {w: i for i, w in enumerate(DIGIT_WORDS)}
+_DIGIT_TOKEN = re.compile(r"(?<![\w.])(" + "|".join(DIGIT_WORDS) + r"|[0-9])(?!\w|\.\d)", re.IGNORECASE)
+
+
+def digit_from_prompt(prompt: str) -> int | None:
+    """The digit a prompt asks for ("a handwritten digit seven", "a handwritten digit 7"),
+    or None when it names none or several different ones."""
+    found = {_NUMBER.get(m.lower(), None) if not m.isdigit() else int(m) for m in _DIGIT_TOKEN.findall(prompt)}
+    return found.pop() if len(found) == 1 else None
+
+
+class DigitMetrics:
+    """``conf/metrics/digits.yaml``: judges a run's images with the digit classifier.
+
+    With ``only_digit_prompts`` a run none of whose prompts names a digit is not judged.
+
+    Called with the run's images ([N, 3, H, W] in [-1, 1]; resized to 32x32 when needed) and
+    their prompts, returns ``accuracy`` (over the images whose prompt names one digit, see
+    :func:`digit_from_prompt`), ``frechet_distance`` to the held-out digits (shipped feature
+    statistics; needs at least ``min_images`` images) and ``labelled_images``."""
+
+    def __init__(self, min_images: int = 2, reference_stats: str | None = None, classifier: str | None = None,
+                 only_digit_prompts: bool = True):
+        if int(min_images) < 2:
+            raise ValueError(f"min_images must be at least 2 (a covariance needs two images), got {min_images}")
+        self.min_images = int(min_images)
+        self.only_digit_prompts = bool(only_digit_prompts)
+        # load now: a missing file is an error before any sampling starts
+        self.classifier = load_digit_classifier(classifier or WEIGHTS)
+        self.stats = load_reference_stats(reference_stats or REFERENCE_STATS)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+        classifier, stats = self.classifier, self.stats
+        if self.only_digit_prompts and all(digit_from_prompt(p) is None for p in prompts):
+            log.info("digit metrics skipped: no prompt names a digit (metrics.only_digit_prompts=false forces them)")
+            return {}
+        x = images.float()
+        if x.shape[-2:] != (32, 32):
+            x = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+        labels = [digit_from_prompt(p) for p in prompts]
+        keep = [i for i, d in enumerate(labels) if d is not None]
+        out: dict[str, float] = {"labelled_images": len(keep)}
+        if keep:
+            with torch.no_grad():
+                pred = classifier(x[keep]).argmax(1)
+            out["accuracy"] = float((pred == torch.tensor([labels[i] for i in keep])).float().mean())
+        if len(x) >= max(2, self.min_images):
+            out["frechet_distance"] = digit_metrics(x, None, classifier=classifier, stats=stats)["frechet_distance"]
+        return out
 
 
 def held_out_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,3 +200,18 @@ def held_out_digits() -> tuple[torch.Tensor, torch.Tensor]:
     _, held = split(labels)
     x = torch.from_numpy(np.stack([pad32(im) for im in images[held]])).float()[:, None] / 127.5 - 1
     return x, torch.from_numpy(labels[held])
+
+
+def ink_colour(images: torch.Tensor, threshold: float = 0.35) -> torch.Tensor:
+    """Mean RGB colour in [0, 1] of each image's ink ([N, 3, H, W] in [-1, 1] -> [N, 3]): the
+    pixels whose brightest channel exceeds ``threshold`` (all pixels if none does)."""
+    x = (images.float().clamp(-1, 1) + 1) / 2
+    ink = (x.amax(dim=1) > threshold).float()
+    ink = torch.where(ink.sum(dim=(1, 2), keepdim=True) > 0, ink, torch.ones_like(ink))
+    return (x * ink[:, None]).sum(dim=(2, 3)) / ink.sum(dim=(1, 2))[:, None]
+
+
+def red_ink_share(images: torch.Tensor, margin: float = 0.25) -> float:
+    """Share of images whose ink is red: mean ink R exceeds both G and B by ``margin``."""
+    c = ink_colour(images)
+    return float(((c[:, 0] - c[:, 1:].amax(dim=1)) > margin).float().mean())

@@ -24,7 +24,8 @@ class SampleImages(L.Callback):
 
     def __init__(self, out_dir: str | Path, prompts: Sequence[str], seeds: Sequence[int], every_n_steps: int,
                  H: int, W: int, steps: int = 20, guidance_scale: float = 5.0,
-                 noise_range: dict | None = None):
+                 noise_range: dict | None = None, ema: "EMAWeights | None" = None):
+        self.ema = ema
         self.out_dir = Path(out_dir) / "samples"
         self.prompts, self.seeds = list(prompts), [int(s) for s in seeds]
         self.every_n_steps, self.H, self.W = int(every_n_steps), int(H), int(W)
@@ -38,11 +39,15 @@ class SampleImages(L.Callback):
         seeds = [s for _ in self.prompts for s in self.seeds]
         was_training = engine.training
         engine.eval()
+        if self.ema is not None:
+            self.ema.swap_in(engine)
         try:
             cond, uc = engine.get_conditionings(prompts, [""] * len(prompts), self.H, self.W)
             z = engine.sample_latents(cond, uc, seeds, engine.latent_shape(self.H, self.W), sampler=self.sampler)
             return engine.decode_first_stage(z).clamp(-1, 1).cpu()
         finally:
+            if self.ema is not None:
+                self.ema.swap_out(engine)
             engine.train(was_training)
 
     def _run(self, trainer: L.Trainer, engine) -> None:
@@ -120,10 +125,89 @@ class ValidationLoss(L.Callback):
 class SaveFinalWeights(L.Callback):
     """At the end of training, rank 0 writes the trained weights with ``save_fn(engine, path)``."""
 
-    def __init__(self, path: str | Path, save_fn: Callable[[Any, Path], Any]):
-        self.path, self.save_fn = Path(path), save_fn
+    def __init__(self, path: str | Path, save_fn: Callable[[Any, Path], Any], ema: "EMAWeights | None" = None):
+        self.path, self.save_fn, self.ema = Path(path), save_fn, ema
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            self.save_fn(pl_module, self.path)
-            log.info("wrote %s", self.path)
+            if self.ema is not None:
+                self.ema.swap_in(pl_module)
+            try:
+                self.save_fn(pl_module, self.path)
+            finally:
+                if self.ema is not None:
+                    self.ema.swap_out(pl_module)
+            log.info("wrote %s%s", self.path, " (EMA weights)" if self.ema is not None else "")
+
+
+class EMAWeights(L.Callback):
+    """An exponential moving average of the trained parameters (Karras et al. 2022 use one for
+    every sample; diffusers' ``--use_ema``): ``ema <- decay * ema + (1 - decay) * weights``
+    after each optimizer step, with the warm-up ``min(decay, (1 + n) / (10 + n))``.
+
+    The average is kept in float32, saved in Lightning checkpoints (resume continues it) and
+    swapped into the model for validation samples and the final weights file; training itself
+    always continues from the raw weights.
+    """
+
+    def __init__(self, decay: float = 0.999, start_step: int = 0):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay must be in (0, 1), got {decay}")
+        self.decay, self.start_step = float(decay), int(start_step)
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.updates = 0
+        self._last_step = -1
+        self._backup: dict[str, torch.Tensor] | None = None
+
+    def _params(self, pl_module) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        params = self._params(pl_module)
+        if self.shadow:  # restored from a checkpoint
+            if set(self.shadow) != set(params):
+                raise ValueError("the EMA state in the checkpoint does not match the trained parameters")
+            self.shadow = {n: t.to(params[n].device) for n, t in self.shadow.items()}
+        else:
+            self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # gradient accumulation: no optimizer step yet
+            return
+        self._last_step = step
+        params = self._params(pl_module)
+        if step <= self.start_step:
+            for n, p in params.items():
+                self.shadow[n].copy_(p.detach())
+            return
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for n, p in params.items():
+            self.shadow[n].lerp_(p.detach().float(), 1.0 - decay)
+
+    @torch.no_grad()
+    def swap_in(self, pl_module) -> None:
+        """Put the average into the model (keeping the raw weights for :meth:`swap_out`)."""
+        if self._backup is not None or not self.shadow:
+            return
+        params = self._params(pl_module)
+        self._backup = {n: p.detach().clone() for n, p in params.items()}
+        for n, p in params.items():
+            p.copy_(self.shadow[n].to(p.dtype))
+
+    @torch.no_grad()
+    def swap_out(self, pl_module) -> None:
+        if self._backup is None:
+            return
+        for n, p in self._params(pl_module).items():
+            p.copy_(self._backup[n])
+        self._backup = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "updates": self.updates, "shadow": {n: t.cpu() for n, t in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = int(state["updates"])
+        self.shadow = dict(state["shadow"])

@@ -142,6 +142,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for f in (cfg.get("lora") or {}).get("files") or []:
         if not Path(f).is_file():
             raise FileNotFoundError(f"lora file {str(f)!r} does not exist")
+    image_metrics = instantiate(cfg.metrics) if cfg.get("metrics") is not None else None
     out_dir = run_dir()
     init_image = load_init_image(cfg.init_image, int(cfg.H), int(cfg.W)) if cfg.get("init_image") else None
 
@@ -166,7 +167,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     writer = ImageWriter(out_dir, len(jobs), provenance(cfg), int(cfg.grid_columns),
                          extra_metrics={"steps": int(cfg.steps), "sampler": type(sampler).__name__,
-                                        "seed": int(cfg.seed), "H": int(cfg.H), "W": int(cfg.W)})
+                                        "seed": int(cfg.seed), "H": int(cfg.H), "W": int(cfg.W)},
+                         image_metrics=image_metrics)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer], logger=make_logger(cfg, out_dir) or False)
     trainer.predict(engine, datamodule=PromptDataModule(jobs, int(cfg.batch_size)), return_predictions=False)
     finish_wandb(trainer)

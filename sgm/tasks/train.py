@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import save_checkpoint
 from ..engine import DiffusionEngine
-from .callbacks import SampleImages, SaveFinalWeights, ValidationLoss
+from .callbacks import EMAWeights, SampleImages, SaveFinalWeights, ValidationLoss
 from .sample import apply_runtime_settings, build_engine, make_logger, run_dir
 from .wandb_logger import finish_wandb
 
@@ -124,17 +124,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         datamodule.build_cache(cache_encoder(engine), tag=tag)  # another model: another cache
 
     val = cfg.validation
-    callbacks: list[L.Callback] = [
+    ema = EMAWeights(float(cfg.ema_decay)) if cfg.get("ema_decay") else None
+    callbacks: list[L.Callback] = [*([ema] if ema else []),
         ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="step-{step:06d}", every_n_train_steps=int(cfg.checkpoint_every_n_steps),
                         save_top_k=int(cfg.keep_checkpoints), monitor="step", mode="max", save_last=True,
                         auto_insert_metric_name=False),
-        SaveFinalWeights(out_dir / str(cfg.output_name), save_final(mode, cfg)),
+        SaveFinalWeights(out_dir / str(cfg.output_name), save_final(mode, cfg), ema=ema),
         ValidationLoss(int(val.every_n_steps)),
     ]
     if int(val.sample_every_n_steps) > 0 and val.prompts:
         callbacks.append(SampleImages(out_dir, val.prompts, val.seeds, int(val.sample_every_n_steps), int(cfg.model.H),
                                       int(cfg.model.W), int(val.steps), float(val.guidance_scale),
-                                      OmegaConf.to_container(cfg.model.noise_range)))
+                                      OmegaConf.to_container(cfg.model.noise_range), ema=ema))
     from lightning.pytorch.loggers import CSVLogger
 
     loggers = [CSVLogger(save_dir=out_dir, name="", version="")]  # metrics.csv in the run folder

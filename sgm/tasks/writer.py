@@ -8,7 +8,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import numpy as np
@@ -63,8 +63,10 @@ class ImageWriter(BasePredictionWriter):
     """Per-batch PNG writing on every rank; grid, metrics.json and W&B logging on rank 0."""
 
     def __init__(self, out_dir: str | Path, total_images: int, provenance: dict[str, str], grid_columns: int = 8,
-                 extra_metrics: dict[str, Any] | None = None):
+                 extra_metrics: dict[str, Any] | None = None,
+                 image_metrics: Callable[[torch.Tensor, list[str]], dict[str, float]] | None = None):
         super().__init__(write_interval="batch")
+        self.image_metrics = image_metrics
         self.out_dir = Path(out_dir)
         self.total_images = total_images
         self.provenance = provenance
@@ -109,6 +111,12 @@ class ImageWriter(BasePredictionWriter):
             "network_evaluations_per_batch": nfe / max(1.0, batches),
             **self.extra_metrics,
         }
+        if self.image_metrics is not None and len(files):
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+            prompts = [Image.open(f).text.get("prompt", "") for f in files]
+            judged = self.image_metrics(x, prompts)
+            log.info("image metrics: %s", ", ".join(f"{k} {v:.4g}" for k, v in judged.items()))
+            self.metrics.update(judged)
         path = self.out_dir / "metrics.json"
         if path.exists():
             raise FileExistsError(f"{path} exists already; refusing to overwrite it")

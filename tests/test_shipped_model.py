@@ -1,0 +1,74 @@
+"""The shipped default: sgm/assets/digits.safetensors, judged by the shipped digit classifier."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from safetensors import safe_open
+
+from sgm import asset
+from sgm.metrics.digits import DIGIT_WORDS, DigitMetrics
+from sgm.tasks.sample import build_engine
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = Path(asset("digits.safetensors"))
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="sample", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return _compose()
+
+
+@pytest.fixture(scope="module")
+def shipped(cfg):
+    return build_engine(cfg.model, seed=0)
+
+
+def _sample(engine, cfg, prompts, seeds):
+    sampler = instantiate(cfg.sampler)
+    with torch.no_grad():
+        c, uc = engine.get_conditionings(prompts, [""] * len(prompts), cfg.H, cfg.W)
+        z = engine.sample_latents(c, uc, seeds, engine.latent_shape(cfg.H, cfg.W), sampler=sampler)
+        return engine.decode_first_stage(z).clamp(-1, 1)
+
+
+def test_shipped_file_is_small_single_file_in_the_original_layout(cfg, shipped):
+    assert cfg.model.checkpoint == str(WEIGHTS) and WEIGHTS.is_file()
+    assert WEIGHTS.stat().st_size < 20 * 2**20
+    with safe_open(str(WEIGHTS), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("model.diffusion_model.input_blocks.0.0.weight").dtype == torch.float16
+        assert "sgm_config" in f.metadata()
+    prefixes = {k.split(".")[0] for k in keys}
+    assert prefixes == {"model", "conditioner", "first_stage_model"}
+    # both text-encoder kinds, in the layouts of the original SDXL file
+    assert "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight" in keys
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys  # size conditioning (vector input)
+    assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in keys
+    assert all(p.dtype == torch.float32 for p in shipped.parameters())  # model.weight_dtype=float32
+
+
+def test_default_settings_draw_the_prompted_digits(cfg, shipped):
+    """The default run's prompts and sampler, 20 seeds each: the classifier agrees >= 95%."""
+    prompts = [p for p in cfg.prompts for _ in range(20)]
+    images = _sample(shipped, cfg, prompts, list(range(len(prompts))))
+    metrics = DigitMetrics()(images, prompts)
+    assert metrics["accuracy"] >= 0.95, metrics
+    untrained = build_engine(_compose("model.checkpoint=null").model, seed=0)
+    baseline = DigitMetrics()(_sample(untrained, cfg, prompts[::4], list(range(0, len(prompts), 4))), prompts[::4])
+    assert metrics["frechet_distance"] < 0.1 * baseline["frechet_distance"], (metrics, baseline)
+
+
+def test_numerals_and_words_name_the_same_digit(cfg, shipped):
+    prompts = [f"a handwritten digit {d}" for d in range(10) for _ in range(5)]
+    images = _sample(shipped, cfg, prompts, list(range(100, 150)))
+    assert DigitMetrics()(images, prompts)["accuracy"] >= 0.9
+    assert DIGIT_WORDS[3] == "three"
