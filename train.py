@@ -3,6 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
+import sgm  # noqa: F401 - registers the ${sgm.asset:NAME} resolver before Hydra resolves
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> dict:

@@ -9,7 +9,7 @@
 2. Train a UNet LoRA from the shipped model with ``train.py`` (``lora=default``, rank 16,
    cached latents), timed: the budget is 10 minutes of CPU.
 3. Sample 10 digits x ``--images-per-digit`` seeds with ``run.py`` for the base model and
-   the LoRA, each with and without the trigger; report the share of red-ink digits (style
+   the LoRA, each with and without the trigger, at each CFG scale of ``--scales``; report the share of red-ink digits (style
    adherence, :func:`sgm.metrics.digits.red_ink_share`) and the digit accuracy of the
    shipped classifier (it reads ink intensity, so it judges red digits too).
 """
@@ -70,8 +70,9 @@ def sh(args: list[str], timeout: int = 1800) -> subprocess.CompletedProcess:
     return res
 
 
-def sample(out: Path, prompts: list[str], n: int, lora: Path | None) -> dict:
+def sample(out: Path, prompts: list[str], n: int, lora: Path | None, scale: float) -> dict:
     args = ["run.py", "~logger", "progress=false", f"hydra.run.dir={out}", f"num_images_per_prompt={n}",
+            f"guider.scale={scale:g}",
             "batch_size=50", "cpu_threads=2", "prompts=[" + ",".join(f'"{p}"' for p in prompts) + "]"]
     if lora is not None:
         args.append(f"lora.files=[{lora}]")
@@ -91,8 +92,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="a markdown report (e.g. docs/red_ink_lora.md)")
     parser.add_argument("--images", type=int, default=200, help="red-ink training images (<= 200)")
     parser.add_argument("--regularization", type=int, default=200, help="plain digits with plain captions")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--scales", default="2,5", help="CFG scales to sample at (comma-separated)")
     parser.add_argument("--images-per-digit", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -119,12 +121,13 @@ def main() -> None:
     plain = [f"a handwritten digit {d}" for d in digits]
     triggered = [f"{p} {TRIGGER}" for p in plain]
     rows = {}
-    for model, lora_file in (("shipped model", None), ("+ red-ink LoRA", lora)):
-        for name, prompts in (("without trigger", plain), ("with trigger", triggered)):
-            key = f"{model}, {name}"
-            folder = work / "samples" / key.replace(" ", "_").replace(",", "").replace("+", "lora")
-            rows[key] = sample(folder, prompts, args.images_per_digit, lora_file)
-            log.info("%s: %s", key, rows[key])
+    for scale in [float(v) for v in args.scales.split(",")]:
+        for model, lora_file in (("shipped model", None), ("+ red-ink LoRA", lora)):
+            for name, prompts in (("without trigger", plain), ("with trigger", triggered)):
+                key = f"CFG {scale:g}: {model}, {name}"
+                folder = work / "samples" / f"cfg{scale:g}_{'lora' if lora_file else 'base'}_{name.replace(' ', '_')}"
+                rows[key] = sample(folder, prompts, args.images_per_digit, lora_file, scale)
+                log.info("%s: %s", key, rows[key])
     (work / "results.json").write_text(json.dumps({"train_wall_s": wall, "train_cpu_s": cpu, "rows": rows}, indent=2))
     if args.out:
         lines = [
@@ -136,8 +139,9 @@ def main() -> None:
             "",
             f"Training: {wall:.0f} s wall clock, {cpu:.0f} s of CPU time (2 cores), including start-up and latent caching.",
             "",
-            f"Sampling: `run.py` defaults (Euler, 30 steps, CFG 5), {args.images_per_digit} seeds x 10 digits per row; "
-            f"the trigger is \"{TRIGGER}\" appended to \"a handwritten digit seven\".",
+            f"Sampling: `run.py` defaults (Euler, 30 steps, seed 42) at CFG {args.scales}, {args.images_per_digit} seeds "
+            f"x 10 digits per row; the trigger is \"{TRIGGER}\" appended to \"a handwritten digit seven\". Sample "
+            f"folders: `{args.work}/samples/`.",
             "",
             "| model, prompt | red-ink digits | digit accuracy | Fréchet distance |",
             "|---|---|---|---|",

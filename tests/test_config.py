@@ -147,7 +147,7 @@ def test_multirun_sweeps_the_guidance_scale(tmp_path):
     assert len({rec["run"][0].run.run_id for rec in runs}) == 3
     assert {rec["run"][0].run.run_group for rec in runs} == {"sweep"}
     for rec in runs:
-        keys = {item.key for h in rec.get("history", []) for item in h.history.item}
+        keys = {item.key or "/".join(item.nested_key) for h in rec.get("history", []) for item in h.history.item}
         assert {"accuracy", "frechet_distance"} <= keys, keys
     assert sorted(p.name for p in (tmp_path / "sweep").glob("grid_*.png")) == [
         "grid_guider.scale=1.png", "grid_guider.scale=3.png", "grid_guider.scale=5.png"]

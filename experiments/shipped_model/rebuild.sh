@@ -17,6 +17,6 @@ $PY experiments/shipped_model/train_autoencoder.py --seed "$SEED" --steps 1500 -
 SCALE=$($PY -c "from safetensors import safe_open; print(safe_open('runs/digits/autoencoder.safetensors', 'pt').metadata()['scale_factor'])")
 echo "latent scale factor: $SCALE (conf/model/digits.yaml's scale_factor must be this value)"
 # 4. the UNet with our train.py: full training, frozen tiny text encoders, EMA, cached latents
-$PY train.py experiment=digits seed="$SEED" model.scale_factor="$SCALE" hydra.run.dir=runs/digits/unet
+$PY train.py +experiment=digits seed="$SEED" model.scale_factor="$SCALE" hydra.run.dir=runs/digits/unet
 cp runs/digits/unet/digits.safetensors sgm/assets/digits.safetensors
 echo "wrote sgm/assets/digits.safetensors"

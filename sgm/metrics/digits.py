@@ -81,7 +81,8 @@ _STAT_KEYS = ("real_features_sum", "real_features_cov_sum", "real_features_num_s
 def _fid(classifier: DigitClassifier):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    return FrechetInceptionDistance(feature=_FeatureExtractor(classifier), normalize=True)
+    # local statistics: under DDP only rank 0 judges the gathered images, so no cross-rank sync
+    return FrechetInceptionDistance(feature=_FeatureExtractor(classifier), normalize=True, sync_on_compute=False)
 
 
 @torch.no_grad()
