@@ -29,11 +29,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from sgm.data.mnist import caption, load_mnist_5k, pad32, split
+from sgm.metrics.digits import red_ink_share
 
-from sgm.data.mnist import caption, load_mnist_5k, pad32, split  # noqa: E402
-from sgm.metrics.digits import digit_metrics, red_ink_share  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("red_ink_lora")
 TRIGGER = "in red ink"
@@ -79,10 +78,9 @@ def sample(out: Path, prompts: list[str], n: int, lora: Path | None, scale: floa
     sh(args)
     files = sorted(out.glob("[0-9][0-9][0-9][0-9][0-9].png"))
     x = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])).permute(0, 3, 1, 2)
-    x = x.float() / 127.5 - 1
-    labels = torch.arange(10).repeat_interleave(n)  # run.py orders images prompt-major
-    m = digit_metrics(x, labels)
-    return {"red_ink_share": red_ink_share(x), "accuracy": m["accuracy"], "frechet_distance": m["frechet_distance"]}
+    judged = json.loads((out / "metrics.json").read_text())  # conf/metrics/digits.yaml, same images
+    return {"red_ink_share": red_ink_share(x.float() / 127.5 - 1), "accuracy": judged["accuracy"],
+            "frechet_distance": judged["frechet_distance"]}
 
 
 def main() -> None:

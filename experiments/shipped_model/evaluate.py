@@ -41,13 +41,13 @@ def real_digits(count: int, seed: int = 0) -> dict:
     import numpy as np
     import torch
 
-    from sgm.data.mnist import load_mnist_5k, pad32, split
+    from sgm.data.mnist import load_mnist_5k, split, to_tensor
     from sgm.metrics.digits import digit_metrics
 
     images, labels = load_mnist_5k()
     train, _ = split(labels)
     pick = np.random.default_rng(seed).choice(train, count, replace=False)
-    x = torch.from_numpy(np.stack([pad32(im) for im in images[pick]])).float()[:, None] / 127.5 - 1
+    x = to_tensor(images[pick])
     m = digit_metrics(x.expand(-1, 3, -1, -1), torch.from_numpy(labels[pick]))
     return {"images": count, **m}
 

@@ -18,22 +18,16 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from sgm.checkpoint import write_safetensors
 from sgm.config import instantiate
-from sgm.data.mnist import load_mnist_5k, pad32, split
+from sgm.data.mnist import load_mnist_5k, split, to_tensor
 
 log = logging.getLogger("train_autoencoder")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def digits_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, 28, 28] -> ink intensity [N, 1, 32, 32] in [0, 1]."""
-    return torch.from_numpy(np.stack([pad32(im) for im in images])).float()[:, None] / 255.0
 
 
 def colourize(ink: torch.Tensor, g: torch.Generator, p_colour: float = 0.5, p_background: float = 0.15) -> torch.Tensor:
@@ -68,7 +62,7 @@ def main() -> None:
 
     images, labels = load_mnist_5k()
     train, held = split(labels)
-    x_train, x_held = digits_tensor(images[train]), digits_tensor(images[held])
+    x_train, x_held = ((to_tensor(images[i]) + 1) / 2 for i in (train, held))  # ink intensity in [0, 1]
     model = instantiate(OmegaConf.load(args.config))
     log.info("autoencoder: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)

@@ -13,20 +13,14 @@ import argparse
 import logging
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from sgm.checkpoint import write_safetensors
-from sgm.data.mnist import load_mnist_5k, pad32, split
+from sgm.data.mnist import load_mnist_5k, split, to_tensor
 from sgm.metrics.digits import REFERENCE_STATS, WEIGHTS, DigitClassifier, held_out_digits, load_digit_classifier, reference_stats
 
 log = logging.getLogger("train_classifier")
-
-
-def tensors(images: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.stack([pad32(im) for im in images])).float()[:, None]
-    return x / 127.5 - 1
 
 
 def shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> torch.Tensor:
@@ -55,8 +49,8 @@ def main() -> None:
     torch.set_num_threads(2)
     images, labels = load_mnist_5k()
     train, held = split(labels)
-    x_train, y_train = tensors(images[train]), torch.from_numpy(labels[train])
-    x_held, y_held = tensors(images[held]), torch.from_numpy(labels[held])
+    x_train, y_train = to_tensor(images[train]), torch.from_numpy(labels[train])
+    x_held, y_held = to_tensor(images[held]), torch.from_numpy(labels[held])
     model = DigitClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=args.epochs * (len(train) // 64 + 1))

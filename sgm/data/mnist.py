@@ -13,9 +13,13 @@ import gzip
 import importlib.util
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,13 @@ def caption(label: int, numeral: bool = False) -> str:
 def pad32(image: np.ndarray) -> np.ndarray:
     """28x28 -> 32x32 with a 2-pixel black border (MNIST's digits are white on black)."""
     return np.pad(image, 2)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 digits [N, 28, 28] -> padded float tensor [N, 1, 32, 32] in [-1, 1] (white on black)."""
+    import torch
+
+    return torch.from_numpy(np.stack([pad32(im) for im in images])).float()[:, None] / 127.5 - 1
 
 
 def export_image_folder(out_dir: str | Path, which: str = "train", held_out_per_class: int = 50,

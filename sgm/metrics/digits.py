@@ -173,14 +173,14 @@ class DigitMetrics:
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
         classifier, stats = self.classifier, self.stats
-        if self.only_digit_prompts and all(digit_from_prompt(p) is None for p in prompts):
+        labels = [digit_from_prompt(p) for p in prompts]
+        keep = [i for i, d in enumerate(labels) if d is not None]
+        if self.only_digit_prompts and not keep:
             log.info("digit metrics skipped: no prompt names a digit (metrics.only_digit_prompts=false forces them)")
             return {}
         x = images.float()
         if x.shape[-2:] != (32, 32):
             x = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
-        labels = [digit_from_prompt(p) for p in prompts]
-        keep = [i for i, d in enumerate(labels) if d is not None]
         out: dict[str, float] = {"labelled_images": len(keep)}
         if keep:
             with torch.no_grad():
@@ -193,14 +193,11 @@ class DigitMetrics:
 
 def held_out_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out MNIST digits ([500, 1, 32, 32] in [-1, 1]) and labels: the reference set."""
-    import numpy as np
-
-    from ..data.mnist import load_mnist_5k, pad32, split
+    from ..data.mnist import load_mnist_5k, split, to_tensor
 
     images, labels = load_mnist_5k()
     _, held = split(labels)
-    x = torch.from_numpy(np.stack([pad32(im) for im in images[held]])).float()[:, None] / 127.5 - 1
-    return x, torch.from_numpy(labels[held])
+    return to_tensor(images[held]), torch.from_numpy(labels[held])
 
 
 def ink_colour(images: torch.Tensor, threshold: float = 0.35) -> torch.Tensor:
