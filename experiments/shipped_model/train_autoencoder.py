@@ -66,7 +66,8 @@ def main() -> None:
     model = instantiate(OmegaConf.load(args.config))
     log.info("autoencoder: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps,
+                                                pct_start=max(0.05, 2 / args.steps))  # >= 2 warm-up steps
     g = torch.Generator().manual_seed(args.seed)
     held_rgb = colourize(x_held, torch.Generator().manual_seed(1))
     start = time.perf_counter()
