@@ -330,7 +330,7 @@ def build_engine_yaml(name: str, device: Any, dtype: Any, seed: int = 0, meta: b
 def build_unet_yaml(name: str, device: Any, dtype: Any, seed: int = 0):
     import torch
 
-    from sgm.engine import OpenAIWrapper
+    from sgm.networks.wrapper import OpenAIWrapper
 
     node = read_yaml(CONF / "network" / f"{name}.yaml")
     torch.manual_seed(seed)

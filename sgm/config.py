@@ -44,7 +44,7 @@ SGM_ALIASES: dict[str, str] = {
     f"{_DM}.loss_weighting.EpsWeighting": "sgm.diffusion.loss_weighting.EpsWeighting",
     f"{_DM}.loss.StandardDiffusionLoss": "sgm.diffusion.loss.StandardDiffusionLoss",
     f"{_DM}.openaimodel.UNetModel": "sgm.networks.openaimodel.UNetModel",
-    f"{_DM}.wrappers.OpenAIWrapper": "sgm.engine.OpenAIWrapper",
+    f"{_DM}.wrappers.OpenAIWrapper": "sgm.networks.wrapper.OpenAIWrapper",
     "sgm.models.autoencoder.AutoencoderKL": "sgm.networks.autoencoder.AutoencoderKL",
     "sgm.models.autoencoder.AutoencoderKLInferenceWrapper": "sgm.networks.autoencoder.AutoencoderKL",
     "sgm.models.autoencoder.IdentityFirstStage": "sgm.networks.autoencoder.IdentityFirstStage",

@@ -17,30 +17,13 @@ import torch
 from torch import nn
 
 from .config import build_part, instantiate
+from .networks.wrapper import OpenAIWrapper, module_dtype
 
 log = logging.getLogger(__name__)
 
 _IGNORED_SGM_PARAMS = {"use_ema", "ema_decay_rate", "log_keys", "no_cond_log", "compile_model",
                        "en_and_decode_n_samples_a_time", "ckpt_path", "network_wrapper", "optimizer_config",
                        "scheduler_config"}
-
-
-class OpenAIWrapper(nn.Module):
-    """Routes the conditioning dict to the UNet: concat -> channels, crossattn -> context, vector -> y."""
-
-    def __init__(self, diffusion_model: nn.Module):
-        super().__init__()
-        self.diffusion_model = diffusion_model
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: dict, **kwargs: Any) -> torch.Tensor:
-        if c.get("concat") is not None:
-            x = torch.cat((x, c["concat"].to(x.dtype)), dim=1)
-        context, y = c.get("crossattn"), c.get("vector")
-        dtype = module_dtype(self.diffusion_model)
-        return self.diffusion_model(
-            x.to(dtype), timesteps=t, context=None if context is None else context.to(dtype),
-            y=None if y is None else y.to(dtype), **kwargs,
-        ).to(x.dtype)
 
 
 class DiffusionEngine(L.LightningModule):
@@ -398,14 +381,6 @@ def schedule_slice(num_steps: int, strength: float = 1.0,
         if end <= start:
             raise ValueError(f"sigma_range {sigma_range} leaves no step of a {num_steps}-step schedule")
     return start, end
-
-
-def module_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of a module's first floating-point parameter (float32 if it has none)."""
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
 def _downsample_factor(first_stage: nn.Module) -> int:

@@ -1,13 +1,21 @@
-"""Guiders: how the conditional and unconditional predictions are combined.
+"""Guiders: which network branches a step evaluates and how their predictions combine.
 
-A guider is used in two halves around one network call:
-``x, sigma, cond = guider.prepare_inputs(x, sigma, cond, uc)`` batches the inputs and
-``x0 = guider(model_output, sigma)`` combines the prediction(s) into one x0 estimate.
+The seam (:class:`Guider`): at each step a guider names its :class:`Branch` es (cond, uncond,
+perturbed, ...), each with the conditioning it uses and optional network ``options`` (the
+``transformer_options`` dict that reaches the UNet's attention, see
+:mod:`sgm.networks.patches`); :meth:`Guider.guide` evaluates them (branches that share their
+options in one batched network call) and :meth:`Guider.combine` turns every branch's x0
+prediction into one x0. :class:`Guided` carries both, for samplers that need a branch
+(CFG++ uses the unconditional prediction).
+
+The original sgm API stays for the CFG guiders: ``x, sigma, cond = guider.prepare_inputs(x,
+sigma, cond, uc)`` batches uncond and cond and ``x0 = guider(model_output, sigma)`` combines.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -30,7 +38,69 @@ def _cat_conditionings(uc: dict, c: dict) -> dict:
     return out
 
 
-class IdentityGuider:
+OPTIONS_KEY = "transformer_options"  # the conditioning key that carries a branch's network options
+
+
+@dataclass
+class Branch:
+    """One network evaluation a guider asks for: a name, its conditioning, its network options."""
+
+    name: str
+    cond: dict
+    options: dict | None = None
+
+
+@dataclass
+class Guided:
+    """A guided step's x0 and every branch's own x0 prediction, by branch name."""
+
+    x0: torch.Tensor
+    predictions: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def evaluate_branches(denoise: Callable, x: torch.Tensor, sigma: torch.Tensor,
+                      branches: list[Branch]) -> dict[str, torch.Tensor]:
+    """Each branch's x0 prediction. Branches with the same options share one batched call
+    (concatenated in the order given), so plain CFG stays one network evaluation per step."""
+    groups: list[tuple[dict | None, list[Branch]]] = []
+    for branch in branches:
+        for options, members in groups:
+            if options is branch.options or (options is not None and options == branch.options):
+                members.append(branch)
+                break
+        else:
+            groups.append((branch.options, [branch]))
+    out: dict[str, torch.Tensor] = {}
+    n = x.shape[0]
+    for options, members in groups:
+        cond = members[0].cond
+        for other in members[1:]:
+            cond = _cat_conditionings(cond, other.cond)
+        if options:
+            cond = {**cond, OPTIONS_KEY: options}
+        k = len(members)
+        pred = denoise(torch.cat([x] * k) if k > 1 else x, torch.cat([sigma] * k) if k > 1 else sigma, cond)
+        for i, branch in enumerate(members):
+            out[branch.name] = pred[i * n : (i + 1) * n]
+    return out
+
+
+class Guider:
+    """Base of the guiders: override :meth:`branches` and :meth:`combine` (or :meth:`guide`)."""
+
+    def branches(self, sigma: torch.Tensor, cond: dict, uc: dict | None) -> list[Branch]:
+        return [Branch("cond", cond)]
+
+    def combine(self, predictions: dict[str, torch.Tensor], sigma: torch.Tensor) -> torch.Tensor:
+        return predictions["cond"]
+
+    def guide(self, denoise: Callable, x: torch.Tensor, sigma: torch.Tensor, cond: dict, uc: dict | None) -> Guided:
+        """Evaluate this step's branches at ``x`` and noise levels ``sigma`` [B]; combine them."""
+        predictions = evaluate_branches(denoise, x, sigma, self.branches(sigma, cond, uc))
+        return Guided(self.combine(predictions, sigma), predictions)
+
+
+class IdentityGuider(Guider):
     """No guidance: one conditional network call per step."""
 
     def prepare_inputs(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict, uc: dict | None) -> tuple:
@@ -68,7 +138,7 @@ class DynamicThresholding(NoDynamicThresholding):
         return x0.clamp(-s, s) * (self.threshold / s)
 
 
-class VanillaCFG:
+class VanillaCFG(Guider):
     """Classifier-free guidance (Ho & Salimans 2022): x0 = x0_uc + scale * (x0_c - x0_uc).
 
     Any finite real ``scale``: 1 gives the conditional prediction, 0 the unconditional one,
@@ -113,17 +183,32 @@ class VanillaCFG:
         s = float(sigma.reshape(-1)[0])
         return lo <= s <= hi
 
-    def prepare_inputs(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict, uc: dict | None) -> tuple:
+    def branches(self, sigma: torch.Tensor, cond: dict, uc: dict | None) -> list[Branch]:
         if not self.is_active(sigma):
-            return x, sigma, cond
+            return [Branch("cond", cond)]
         if uc is None:
             raise ValueError("classifier-free guidance needs an unconditional conditioning (uc)")
+        return [Branch("uncond", uc), Branch("cond", cond)]
+
+    def combine(self, predictions: dict[str, torch.Tensor], sigma: torch.Tensor) -> torch.Tensor:
+        if "uncond" not in predictions:
+            return predictions["cond"]
+        return self.cfg(predictions["uncond"], predictions["cond"])
+
+    # the original sgm API: one batched call prepared by the guider, then combined
+    def prepare_inputs(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict, uc: dict | None) -> tuple:
+        branches = self.branches(sigma, cond, uc)
+        if len(branches) == 1:
+            return x, sigma, cond
         return torch.cat([x, x]), torch.cat([sigma, sigma]), _cat_conditionings(uc, cond)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if not self.is_active(sigma):
             return x
-        x_u, x_c = x.chunk(2)
+        return self.cfg(*x.chunk(2))
+
+    def cfg(self, x_u: torch.Tensor, x_c: torch.Tensor) -> torch.Tensor:
+        """The guided x0 from the unconditional and conditional predictions."""
         x_pred = self.dyn_thresh(x_u, x_c, self.scale)
         if self.rescale > 0:
             dims = tuple(range(1, x_c.ndim))

@@ -1,0 +1,34 @@
+"""The network wrapper between the denoiser and the UNet (sgm ``OpenAIWrapper``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class OpenAIWrapper(nn.Module):
+    """Routes the conditioning dict to the UNet: concat -> channels, crossattn -> context, vector -> y."""
+
+    def __init__(self, diffusion_model: nn.Module):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: dict, **kwargs: Any) -> torch.Tensor:
+        if c.get("concat") is not None:
+            x = torch.cat((x, c["concat"].to(x.dtype)), dim=1)
+        context, y = c.get("crossattn"), c.get("vector")
+        dtype = module_dtype(self.diffusion_model)
+        return self.diffusion_model(
+            x.to(dtype), timesteps=t, context=None if context is None else context.to(dtype),
+            y=None if y is None else y.to(dtype), **kwargs,
+        ).to(x.dtype)
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's first floating-point parameter (float32 if it has none)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
