@@ -16,14 +16,45 @@ import lightning as L
 import torch
 from torch import nn
 
-from .config import build_part, instantiate
+from .config import build_part, instantiate, resolve_target
+from .diffusion.noise import gaussian, seeded_generators
+from .diffusion.schedule import img2img_start, initial_latent, sampling_sigmas, split_index
+from .networks.sizes import check_pixel_size
 from .networks.wrapper import OpenAIWrapper, module_dtype
 
 log = logging.getLogger(__name__)
 
-_IGNORED_SGM_PARAMS = {"use_ema", "ema_decay_rate", "log_keys", "no_cond_log", "compile_model",
-                       "en_and_decode_n_samples_a_time", "ckpt_path", "network_wrapper", "optimizer_config",
-                       "scheduler_config"}
+# sgm engine parameters that only its training script or logging reads
+_IGNORED_SGM_PARAMS = {"use_ema", "ema_decay_rate", "log_keys", "no_cond_log", "en_and_decode_n_samples_a_time",
+                       "ckpt_path", "scheduler_config"}
+
+
+def make_wrapper(network_wrapper: Any, network: nn.Module, compile_model: bool = False) -> nn.Module:
+    """sgm's ``network_wrapper``: a class path (or class) called as ``cls(network, compile_model=...)``;
+    None is :class:`OpenAIWrapper`. ``compile_model`` runs ``torch.compile`` on the network."""
+    if network_wrapper is None:
+        cls = OpenAIWrapper
+    elif isinstance(network_wrapper, str):
+        cls = resolve_target(network_wrapper)
+    elif isinstance(network_wrapper, type):
+        cls = network_wrapper
+    else:
+        raise TypeError(f"network_wrapper must be a class or its dotted path, got {network_wrapper!r}")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"network_wrapper {network_wrapper!r} is not an nn.Module class")
+    return cls(network, compile_model=bool(compile_model))
+
+
+def sgm_optimizer(config: Any) -> Any:
+    """sgm's ``optimizer_config`` ({target: torch.optim.AdamW, params: {...}}) as an optimizer factory."""
+    if config is None:
+        return None
+    import functools
+
+    from .config import convert_sgm_config
+
+    node = dict(convert_sgm_config(config))
+    return functools.partial(resolve_target(node.pop("_target_")), **node)
 
 
 class DiffusionEngine(L.LightningModule):
@@ -52,6 +83,8 @@ class DiffusionEngine(L.LightningModule):
         downsample_factor: int | None = None,
         optimizer: Any = None,
         lr_scheduler: Any = None,
+        network_wrapper: Any = None,
+        compile_model: bool = False,
         *,
         network_config: Any = None,
         denoiser_config: Any = None,
@@ -59,6 +92,7 @@ class DiffusionEngine(L.LightningModule):
         first_stage_config: Any = None,
         sampler_config: Any = None,
         loss_fn_config: Any = None,
+        optimizer_config: Any = None,
         **sgm_params: Any,
     ):
         super().__init__()
@@ -67,7 +101,7 @@ class DiffusionEngine(L.LightningModule):
             raise TypeError(f"DiffusionEngine got unknown parameters: {sorted(unknown)}")
         for key in sgm_params:
             log.debug("ignoring sgm parameter %s", key)
-        self.model = OpenAIWrapper(build_part("network", network, network_config))
+        self.model = make_wrapper(network_wrapper, build_part("network", network, network_config), compile_model)
         self.denoiser = build_part("denoiser", denoiser, denoiser_config)
         self.conditioner = build_part("conditioner", conditioner, conditioner_config)
         self.first_stage_model = build_part("first_stage", first_stage, first_stage_config)
@@ -80,13 +114,16 @@ class DiffusionEngine(L.LightningModule):
         self.first_stage_fp16_safe = first_stage_fp16_safe
         self.uc_zero_keys = list(uc_zero_keys or [])
         self.input_key = input_key
-        self.optimizer_factory = optimizer
+        if optimizer is not None and optimizer_config is not None:
+            raise ValueError("give either optimizer or optimizer_config, not both")
+        self.optimizer_factory = optimizer if optimizer is not None else sgm_optimizer(optimizer_config)
         self.lr_scheduler_factory = lr_scheduler
         unet = self.model.diffusion_model
         self.latent_channels = latent_channels or getattr(unet, "out_channels", None) or getattr(unet, "in_channels", 4)
-        self.downsample_factor = downsample_factor or _downsample_factor(self.first_stage_model)
+        self.downsample_factor = downsample_factor or getattr(self.first_stage_model, "downsample_factor", 1)
+        self.pixel_multiple = self.downsample_factor * getattr(unet, "downsampling", 1)
         self.network_evaluations = 0
-        self.predict_options: dict[str, Any] = {"H": 1024, "W": 1024, "strength": 1.0}
+        self.predict_options: dict[str, Any] = {}
         self._refiner: list[DiffusionEngine] = []  # a list keeps the refiner out of this state_dict
         self._init_image: torch.Tensor | None = None
 
@@ -94,20 +131,31 @@ class DiffusionEngine(L.LightningModule):
         """An image [1, 3, H, W] in [-1, 1] for img2img (``strength`` < 1 keeps more of it)."""
         self._init_image = image
 
-    def configure_prediction(self, H: int, W: int, strength: float = 1.0, refiner: DiffusionEngine | None = None,
+    def schedule(self, discretization: Any, steps: int) -> torch.Tensor:
+        """The run's schedule (``steps + 1`` sigmas), a range left unset filled from this model's denoiser."""
+        return sampling_sigmas(discretization, steps, self.denoiser)
+
+    def configure_prediction(self, H: int, W: int, sigmas: torch.Tensor, sampler: Any = None, strength: float = 1.0,
+                             img2img_schedule: str = "last_steps", refiner: DiffusionEngine | None = None,
                              refiner_switch: float = 0.8, aesthetic_score: float = 6.0,
                              negative_aesthetic_score: float = 2.5) -> None:
-        """Settings for :meth:`predict_step`; validated here, before any sampling starts."""
+        """Settings for :meth:`predict_step`; validated here, before any sampling starts.
+
+        ``sigmas`` is the run's whole schedule (:meth:`schedule`); img2img and the refiner
+        run slices of it."""
         self.latent_shape(H, W)
-        schedule_slice(10, strength)
-        if refiner is not None and not 0.0 < refiner_switch < 1.0:
-            raise ValueError(f"refiner_switch must be in (0, 1), got {refiner_switch}")
-        self.predict_options = {"H": int(H), "W": int(W), "strength": float(strength),
-                                "refiner_switch": float(refiner_switch), "aesthetic_score": aesthetic_score,
-                                "negative_aesthetic_score": negative_aesthetic_score}
+        num_steps = len(sigmas) - 1
+        img2img_start(num_steps, strength, img2img_schedule)
+        if refiner is not None:
+            split_index(num_steps, refiner_switch)
+        if sampler is not None:
+            self.sampler = sampler
+        self.predict_options = {"H": int(H), "W": int(W), "sigmas": sigmas, "strength": float(strength),
+                                "img2img_schedule": img2img_schedule, "refiner_switch": float(refiner_switch),
+                                "aesthetic_score": aesthetic_score, "negative_aesthetic_score": negative_aesthetic_score}
         self._refiner = [refiner] if refiner is not None else []
         if refiner is not None:
-            refiner.configure_prediction(H, W, strength, aesthetic_score=aesthetic_score,
+            refiner.configure_prediction(H, W, sigmas, self.sampler, aesthetic_score=aesthetic_score,
                                          negative_aesthetic_score=negative_aesthetic_score)
 
     def on_predict_start(self) -> None:
@@ -155,12 +203,6 @@ class DiffusionEngine(L.LightningModule):
         self.network_evaluations += 1
         return self.denoiser(self.model, x, sigma, cond)
 
-    def forward(self, x: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Mean training loss on clean latents ``x``."""
-        if self.loss_fn is None:
-            raise RuntimeError("this engine has no loss_fn: configure `loss` to train")
-        return self.loss_fn(self.model, self.denoiser, self.conditioner, x, batch).mean()
-
     # -- conditioning -----------------------------------------------------------------
     def conditioner_keys(self) -> set[str]:
         return {e.input_key for e in getattr(self.conditioner, "embedders", [])}
@@ -180,47 +222,53 @@ class DiffusionEngine(L.LightningModule):
         keys = self.conditioner_keys()
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in values.items() if k in keys}
 
+    def conditioning(self, batch: dict, empty: torch.Tensor | None = None) -> dict:
+        """The conditioner's output for ``batch``. The unconditional-branch rule, the one copy of
+        it: samples whose caption is empty (``empty``, a bool mask) get the embeddings of
+        ``uc_zero_keys`` zeroed (sgm's SDXL base rule; without such keys the empty caption's own
+        embedding is the unconditional branch). Sampling's ``uc`` for an empty negative prompt,
+        caption dropout in training and the latent cache all come from here."""
+        if not self.uc_zero_keys or empty is None or not bool(empty.any()):
+            return self.conditioner(batch)
+        zeroed = self.conditioner(batch, force_zero_embeddings=self.uc_zero_keys)
+        if bool(empty.all()):
+            return zeroed
+        cond = self.conditioner(batch)
+        return {k: torch.where(empty.reshape(-1, *[1] * (v.ndim - 1)), zeroed[k], v) for k, v in cond.items()}
+
+    def empty_captions(self, captions: Sequence[str]) -> torch.Tensor:
+        return torch.tensor([not c for c in captions], dtype=torch.bool, device=self.device)
+
     @torch.no_grad()
     def get_conditionings(self, prompts: Sequence[str], negative_prompts: Sequence[str], height: int, width: int,
                           aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, **size: Any) -> tuple[dict, dict]:
-        """(cond, uc) for a batch. Empty negative prompts zero ``uc_zero_keys`` (SDXL base behaviour)."""
+        """(cond, uc) for a batch; an empty negative prompt is the unconditional branch (:meth:`conditioning`)."""
         batch_c = self.make_batch(prompts, height, width, aesthetic_score=aesthetic_score, **size)
         batch_uc = self.make_batch(negative_prompts, height, width, aesthetic_score=negative_aesthetic_score, **size)
-        zero = self.uc_zero_keys if all(not p for p in negative_prompts) else []
-        return self.conditioner.get_unconditional_conditioning(batch_c, batch_uc, force_uc_zero_embeddings=zero)
+        return self.conditioning(batch_c), self.conditioning(batch_uc, self.empty_captions(negative_prompts))
 
     # -- sampling ----------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, H / f, W / f) of the latents of an H x W image (see :mod:`sgm.networks.sizes`)."""
+        h, w = check_pixel_size(height, width, self.pixel_multiple)
         f = self.downsample_factor
-        if height % f or width % f:
-            raise ValueError(f"H and W must be multiples of {f} for this model, got {height}x{width}")
-        return (self.latent_channels, height // f, width // f)
-
-    def initial_noise(self, seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
-        """Unit noise, one CPU generator per seed, so each image depends on its own seed only."""
-        return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        return (self.latent_channels, h // f, w // f)
 
     @torch.no_grad()
-    def sample_latents(self, cond: dict, uc: dict, seeds: Sequence[int], shape: Sequence[int], sampler: Any = None,
-                       init_latent: torch.Tensor | None = None, strength: float = 1.0,
-                       sigma_range: tuple[float, float] | None = None, num_steps: int | None = None,
+    def sample_latents(self, cond: dict, uc: dict, seeds: Sequence[int], shape: Sequence[int], sigmas: torch.Tensor,
+                       sampler: Any = None, init_latent: torch.Tensor | None = None, noise_seed_offset: int = 0,
                        callback: Any = None) -> torch.Tensor:
-        """Run the sampler. ``init_latent`` + ``strength`` gives img2img; ``sigma_range`` = (start, end)
-        fractions of the schedule gives the base / refiner split (see :func:`schedule_slice`)."""
+        """Run ``sampler`` over the schedule slice ``sigmas`` from pure noise (txt2img) or from
+        ``init_latent`` (img2img, the refiner's continuation). Image k's noise depends on
+        ``seeds[k]`` only: its start noise on the seed, the sampler's on seed + 1 (+ offset)."""
         sampler = sampler or self.sampler
         if sampler is None:
             raise RuntimeError("no sampler configured")
-        sigmas = sampler.get_sigmas(num_steps, device=self.device)
-        start, end = schedule_slice(len(sigmas) - 1, strength if init_latent is not None else 1.0, sigma_range)
-        sigmas = sigmas[start : end + 1]
-        noise = self.initial_noise(seeds, shape).to(self.device)
-        generators = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
-        if init_latent is not None:
-            x = init_latent.to(self.device).float() + noise * sigmas[0]
-        elif start == 0:
-            x = noise * torch.sqrt(1.0 + sigmas[0] ** 2)
-        else:
-            raise ValueError("starting inside the schedule needs init_latent (the latent to continue from)")
+        sigmas = sigmas.to(self.device)
+        if len(sigmas) < 2:  # sgm's img2img rule can keep no step: the image's latent is the result
+            return init_latent.to(self.device).float()
+        x = initial_latent(gaussian((len(seeds), *shape), seeded_generators(seeds), self.device), sigmas[0], init_latent)
+        generators = seeded_generators(seeds, 1 + noise_seed_offset)
         return sampler.sample(self.denoise, x, sigmas, cond, uc, generator=generators, callback=callback)
 
     def _conditionings_for(self, batch: dict) -> tuple[dict, dict]:
@@ -232,38 +280,39 @@ class DiffusionEngine(L.LightningModule):
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int = 0) -> dict:
         """Sample one batch of prompts (see :class:`sgm.data.prompts.PromptDataModule`): txt2img,
-        img2img when the batch carries ``init_latent``, and the refiner hand-off when configured."""
+        img2img when the batch carries ``init_latent`` (or an init image is set), and the refiner
+        hand-off when configured; each is a slice of the one schedule."""
         opts = self.predict_options
+        if not opts:
+            raise RuntimeError("call configure_prediction() before predicting")
         t0 = time.perf_counter()
         engines = [self, *self._refiner]
         for e in engines:
             e.network_evaluations = 0
         cond, uc = self._conditionings_for(batch)
         shape = self.latent_shape(opts["H"], opts["W"])
-        split = (0.0, opts["refiner_switch"]) if self._refiner else None
         init = batch.get("init_latent")
         if init is None and self._init_image is not None:
             z0 = self.encode_first_stage(self._init_image.to(self.device))
             init = z0.expand(len(batch["prompt"]), *z0.shape[1:])
-        z = self.sample_latents(cond, uc, batch["seed"], shape, init_latent=init,
-                                strength=opts["strength"], sigma_range=split)
+        sigmas = opts["sigmas"]
+        n = len(sigmas) - 1
+        start = img2img_start(n, opts["strength"], opts["img2img_schedule"]) if init is not None else 0
+        end = n
+        if self._refiner:
+            end = split_index(n, opts["refiner_switch"])
+            if end <= start:
+                raise ValueError(f"refiner_switch {opts['refiner_switch']} hands over before img2img starts "
+                                 f"(step {start} of {n}): the base would run no step")
+        z = self.sample_latents(cond, uc, batch["seed"], shape, sigmas[start : end + 1], init_latent=init)
         for refiner in self._refiner:
-            z = refiner.continue_latents(z, batch, self.sampler, opts["refiner_switch"], opts["strength"])
+            rc, ruc = refiner._conditionings_for(batch)
+            z = refiner.sampler.sample(refiner.denoise, z, sigmas[end:].to(self.device), rc, ruc,
+                                       generator=seeded_generators(batch["seed"], 2))
         images = self.decode_first_stage(z)
         return {"images": images.clamp(-1, 1).cpu(), "index": list(batch["index"]), "seed": list(batch["seed"]),
                 "prompt": list(batch["prompt"]), "negative_prompt": list(batch["negative_prompt"]),
                 "seconds": time.perf_counter() - t0, "nfe": sum(e.network_evaluations for e in engines)}
-
-    @torch.no_grad()
-    def continue_latents(self, z: torch.Tensor, batch: dict, sampler: Any, switch: float,
-                         strength: float = 1.0) -> torch.Tensor:
-        """As the refiner: continue a base model's latent ``z`` from fraction ``switch`` of the
-        base's schedule down to sigma 0, with this engine's denoiser and conditioning."""
-        cond, uc = self._conditionings_for(batch)
-        sigmas = sampler.get_sigmas(None, device=self.device)
-        start, _ = schedule_slice(len(sigmas) - 1, strength, (switch, 1.0))
-        generators = [torch.Generator().manual_seed(int(s) + 2) for s in batch["seed"]]
-        return sampler.sample(self.denoise, z.to(self.device), sigmas[start:], cond, uc, generator=generators)
 
     # -- training -------------------------------------------------------------------------
     COND_KEYS = ("crossattn", "vector", "concat")
@@ -280,7 +329,7 @@ class DiffusionEngine(L.LightningModule):
         if "caption_dropped" in batch:
             empty = torch.as_tensor(batch["caption_dropped"], dtype=torch.bool, device=self.device)
         elif "txt" in batch:
-            empty = torch.tensor([not t for t in batch["txt"]], dtype=torch.bool, device=self.device)
+            empty = self.empty_captions(batch["txt"])
         else:
             empty = None
         if any(k in batch for k in self.COND_KEYS):
@@ -292,12 +341,7 @@ class DiffusionEngine(L.LightningModule):
                         raise KeyError(f"cached batch has {k} but no uc_{k} for its dropped captions")
                     cond[k] = torch.where(empty.reshape(-1, *[1] * (cond[k].ndim - 1)), uc, cond[k])
             return cond
-        cond = self.conditioner(batch)
-        if empty is not None and bool(empty.any()) and self.uc_zero_keys:
-            zeroed = self.conditioner(batch, force_zero_embeddings=self.uc_zero_keys)
-            for k in cond:
-                cond[k] = torch.where(empty.reshape(-1, *[1] * (cond[k].ndim - 1)), zeroed[k], cond[k])
-        return cond
+        return self.conditioning(batch, empty)
 
     def training_latents(self, batch: dict) -> torch.Tensor:
         if "latent" in batch:
@@ -357,35 +401,3 @@ class DiffusionEngine(L.LightningModule):
         checkpoint["sgm_trainable"] = sorted(trainable)
 
     strict_loading = False  # resumable checkpoints hold the trainable tensors only
-
-
-def schedule_slice(num_steps: int, strength: float = 1.0,
-                   sigma_range: tuple[float, float] | None = None) -> tuple[int, int]:
-    """Indices (start, end) into an ``num_steps``-step schedule (``num_steps + 1`` sigmas).
-
-    * img2img ``strength`` in (0, 1]: the last ``k = max(1, round(strength * num_steps))``
-      steps are taken, starting at sigma index ``num_steps - k``.
-    * ``sigma_range = (a, b)`` as fractions of the schedule: steps ``round(a * n)`` to
-      ``round(b * n)``; the base model runs (0, s) and the refiner (s, 1).
-    """
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    start, end = 0, num_steps
-    if strength < 1.0:
-        start = num_steps - max(1, round(strength * num_steps))
-    if sigma_range is not None:
-        a, b = (float(v) for v in sigma_range)
-        if not 0.0 <= a < b <= 1.0:
-            raise ValueError(f"sigma_range must be fractions 0 <= start < end <= 1, got {sigma_range}")
-        start, end = max(start, round(a * num_steps)), round(b * num_steps)
-        if end <= start:
-            raise ValueError(f"sigma_range {sigma_range} leaves no step of a {num_steps}-step schedule")
-    return start, end
-
-
-def _downsample_factor(first_stage: nn.Module) -> int:
-    factor = getattr(first_stage, "downsample_factor", None)
-    if factor:
-        return int(factor)
-    ch_mult = getattr(getattr(first_stage, "encoder", None), "ch_mult", None)
-    return 2 ** (len(ch_mult) - 1) if ch_mult else 1

@@ -17,6 +17,7 @@ from sgm.diffusion import (
     VanillaCFG,
 )
 from sgm.diffusion.analytic import GaussianMixture
+from sgm.diffusion.schedule import img2img_start, initial_latent, sampling_sigmas
 
 SDXL_EDM = EDMDiscretization(0.0292, 14.6146, 3.0)
 ALL_SAMPLERS = [EulerEDMSampler, HeunEDMSampler, EulerAncestralSampler, DPMPP2SAncestralSampler,
@@ -125,11 +126,36 @@ def test_sample_from_intermediate_sigma_continues_the_schedule(gm):
     """sampler.sample starts from a latent already at sigmas[0] (img2img / refiner hand-off)."""
     sampler = EulerEDMSampler(SDXL_EDM, 10)
     noise = _noise((2, 2, 4, 4))
-    sigmas = sampler.get_sigmas()
+    sigmas = sampling_sigmas(SDXL_EDM, 10)
     trace = []
     full = sampler(_denoise(gm), noise, {}, callback=lambda info: trace.append(info["x"]))
     tail = sampler.sample(_denoise(gm), trace[4], sigmas[4:], {})
     torch.testing.assert_close(full, tail, rtol=0, atol=1e-12)
+    # the sgm-style call is the given-schedule entry from the noise start, nothing else
+    given = EulerEDMSampler().sample(_denoise(gm), initial_latent(noise, sigmas[0]), sigmas, {})
+    torch.testing.assert_close(full, given, rtol=0, atol=0)
+
+
+def test_a_range_left_to_the_model_comes_from_its_denoiser():
+    from sgm.diffusion import DiscreteDenoiser, EpsScaling
+
+    den = DiscreteDenoiser(EpsScaling(), 1000, LegacyDDPMDiscretization(), sigma_min=0.0292, sigma_max=14.6146)
+    model_range = EDMDiscretization(sigma_min=None, sigma_max=None, rho=3.0)
+    torch.testing.assert_close(sampling_sigmas(model_range, 10, den), sampling_sigmas(SDXL_EDM, 10), rtol=0, atol=0)
+    table = DiscreteDenoiser(EpsScaling(), 1000, LegacyDDPMDiscretization())  # no stated range: the table's
+    assert table.sigma_min == pytest.approx(0.029167, rel=1e-4) and table.sigma_max == pytest.approx(14.6146, rel=1e-5)
+    with pytest.raises(ValueError, match="trained sigma range"):
+        sampling_sigmas(model_range, 10, object())
+    with pytest.raises(ValueError, match="sigma range"):
+        model_range(10)
+
+
+def test_img2img_rules():
+    assert img2img_start(10, 0.6) == 4 and img2img_start(10, 0.6, "sgm") == 5  # 6 steps against 5
+    assert img2img_start(10, 1.0, "sgm") == 0 and img2img_start(10, 0.01) == 9
+    assert img2img_start(10, 0.05, "sgm") == 10  # sgm keeps only the final 0: no step
+    with pytest.raises(ValueError, match="img2img_schedule"):
+        img2img_start(10, 0.5, "other")
 
 
 # --- bad values ------------------------------------------------------------------------
@@ -152,8 +178,8 @@ def test_bad_values_fail_at_construction(cls, kwargs, name):
 def test_missing_steps_and_discretization_are_named(gm):
     with pytest.raises(ValueError, match="num_steps"):
         EulerEDMSampler(SDXL_EDM)(_denoise(gm), _noise((1, 2, 4, 4)), {})
-    with pytest.raises(ValueError, match="discretization"):
-        EulerEDMSampler(None, 4)
+    with pytest.raises(ValueError, match="discretization"):  # only the sgm-style call needs one
+        EulerEDMSampler(None, 4)(_denoise(gm), _noise((1, 2, 4, 4)), {})
 
 
 def test_sgm_style_config_dicts_are_accepted(gm):

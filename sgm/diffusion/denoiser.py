@@ -8,38 +8,46 @@ import torch
 from torch import nn
 
 from ..config import build_part
+from ._checks import check_positive
 from .util import append_dims
 
 
 class Denoiser(nn.Module):
     """Continuous-sigma denoiser with a preconditioning ``scaling`` (see :mod:`sgm.diffusion.scaling`)."""
 
-    def __init__(self, scaling: Any = None, *, scaling_config: Any = None):
+    def __init__(self, scaling: Any = None, sigma_min: float | None = None, sigma_max: float | None = None, *,
+                 scaling_config: Any = None):
         super().__init__()
         self.scaling = build_part("scaling", scaling, scaling_config)
+        if (sigma_min is None) != (sigma_max is None):
+            raise ValueError("give the trained sigma range as both sigma_min and sigma_max, or neither")
+        self._range = None if sigma_min is None else (check_positive("sigma_min", sigma_min),
+                                                      check_positive("sigma_max", sigma_max))
 
-    def possibly_quantize_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
-        return sigma
+    @property
+    def sigma_min(self) -> float | None:
+        """The lowest noise level the model was trained on (None: not stated)."""
+        return None if self._range is None else self._range[0]
 
-    def possibly_quantize_c_noise(self, c_noise: torch.Tensor) -> torch.Tensor:
-        return c_noise
+    @property
+    def sigma_max(self) -> float | None:
+        """The highest noise level the model was trained on (None: not stated)."""
+        return None if self._range is None else self._range[1]
 
     def forward(
         self, network: Callable[..., torch.Tensor], x: torch.Tensor, sigma: torch.Tensor, cond: dict, **kwargs: Any
     ) -> torch.Tensor:
         """Return the x0 estimate D(x; sigma) for noisy ``x`` at per-sample noise levels ``sigma`` [B]."""
-        sigma = self.possibly_quantize_sigma(sigma)
-        sigma_shape = sigma.shape
         c_skip, c_out, c_in, c_noise = self.scaling(append_dims(sigma, x.ndim))
-        c_noise = self.possibly_quantize_c_noise(c_noise.reshape(sigma_shape))
-        return network(x * c_in, c_noise, cond, **kwargs) * c_out + x * c_skip
+        return network(x * c_in, c_noise.reshape(sigma.shape), cond, **kwargs) * c_out + x * c_skip
 
 
 class DiscreteDenoiser(Denoiser):
     """Denoiser of a model trained on ``num_idx`` discrete noise levels (SDXL: 1000 DDPM steps).
 
     Sigma is snapped to the nearest trained level and the network receives that level's
-    index as c_noise. The level table is a non-persistent buffer (``denoiser.sigmas`` may
+    index as c_noise. ``sigma_min`` / ``sigma_max`` state the range samplers use (a schedule
+    that leaves its range to the model reads it here); by default the table's own range. The level table is a non-persistent buffer (``denoiser.sigmas`` may
     be absent from checkpoints).
     """
 
@@ -53,11 +61,13 @@ class DiscreteDenoiser(Denoiser):
         do_append_zero: bool = False,
         quantize_c_noise: bool = True,
         flip: bool = True,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
         *,
         scaling_config: Any = None,
         discretization_config: Any = None,
     ):
-        super().__init__(scaling, scaling_config=scaling_config)
+        super().__init__(scaling, sigma_min, sigma_max, scaling_config=scaling_config)
         self.discretization = build_part("discretization", discretization, discretization_config)
         self.num_idx = int(num_idx)
         self.quantize_c_noise = quantize_c_noise
@@ -66,11 +76,13 @@ class DiscreteDenoiser(Denoiser):
 
     @property
     def sigma_min(self) -> float:
-        return float(self.sigmas.min())
+        """The stated lowest noise level for sampling, else the table's lowest (SDXL: 0.0292)."""
+        return float(self.sigmas.min()) if self._range is None else self._range[0]
 
     @property
     def sigma_max(self) -> float:
-        return float(self.sigmas.max())
+        """The stated highest noise level for sampling, else the table's highest (SDXL: 14.6146)."""
+        return float(self.sigmas.max()) if self._range is None else self._range[1]
 
     def sigma_to_idx(self, sigma: torch.Tensor) -> torch.Tensor:
         dists = sigma.to(self.sigmas.dtype) - self.sigmas.reshape(-1, *([1] * sigma.ndim))
@@ -78,12 +90,6 @@ class DiscreteDenoiser(Denoiser):
 
     def idx_to_sigma(self, idx: torch.Tensor) -> torch.Tensor:
         return self.sigmas[idx]
-
-    def possibly_quantize_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
-        return self.idx_to_sigma(self.sigma_to_idx(sigma)).to(sigma.dtype)
-
-    def possibly_quantize_c_noise(self, c_noise: torch.Tensor) -> torch.Tensor:
-        return self.sigma_to_idx(c_noise) if self.quantize_c_noise else c_noise
 
     def forward(self, network: Callable[..., torch.Tensor], x: torch.Tensor, sigma: torch.Tensor, cond: dict,
                 **kwargs: Any) -> torch.Tensor:

@@ -68,21 +68,26 @@ class Discretization(ABC):
 class EDMDiscretization(Discretization):
     """Karras et al. (2022), eq. 5: sigma_i = (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho.
 
-    The class defaults are the EDM paper's; a model's config sets its trained range
-    (SDXL: 0.0292 .. 14.6146, rho 3).
+    The class defaults are the EDM paper's. ``sigma_min`` / ``sigma_max`` = None means "the
+    model's trained range": :func:`sgm.diffusion.schedule.sampling_sigmas` fills them from the
+    model's denoiser (SDXL: 0.0292 .. 14.6146), which is how ``conf/discretization/edm.yaml``
+    uses it.
     """
 
-    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
-        self.sigma_min = check_positive("sigma_min", sigma_min)
-        self.sigma_max = check_positive("sigma_max", sigma_max)
+    def __init__(self, sigma_min: float | None = 0.002, sigma_max: float | None = 80.0, rho: float = 7.0):
+        self.sigma_min = None if sigma_min is None else check_positive("sigma_min", sigma_min)
+        self.sigma_max = None if sigma_max is None else check_positive("sigma_max", sigma_max)
         self.rho = check_positive("rho", rho)
-        if self.sigma_min >= self.sigma_max:
+        if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min >= self.sigma_max:
             raise ValueError(
                 f"sigma_min ({self.sigma_min}) must be smaller than sigma_max ({self.sigma_max})"
             )
 
     def get_sigmas(self, n: int, device: str | torch.device = "cpu") -> torch.Tensor:
         n = check_int("n (number of steps)", n)
+        if self.sigma_min is None or self.sigma_max is None:
+            raise ValueError("EDMDiscretization has no sigma range: set sigma_min and sigma_max, or let "
+                             "sgm.diffusion.schedule.sampling_sigmas fill them from the model's denoiser")
         # float32 on purpose: bit-compatible with sgm's schedule (and the seed note's table)
         ramp = torch.linspace(0, 1, n, dtype=torch.float32, device=device)
         min_inv, max_inv = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import build_part
 from ._checks import check_positive
+from .noise import gaussian, gaussian_like
 from .util import append_dims
 
 LOSS_TYPES = ("l2", "l1")
@@ -53,12 +54,11 @@ class StandardDiffusionLoss(nn.Module):
 
     def sample_noise(self, input: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Gaussian noise, plus the offset-noise term when configured."""
-        device = generator.device if generator is not None else input.device
-        noise = torch.randn(input.shape, generator=generator, device=device, dtype=input.dtype)
+        noise = gaussian_like(input, generator)
         if self.offset_noise_level > 0.0:
-            offset = torch.randn(input.shape[:2], generator=generator, device=device, dtype=input.dtype)
+            offset = gaussian(input.shape[:2], generator, input.device, input.dtype)
             noise = noise + self.offset_noise_level * append_dims(offset, input.ndim)
-        return noise.to(input.device)
+        return noise
 
     def compute(self, network: Callable, denoiser: Callable, cond: dict, input: torch.Tensor,
                 noise: torch.Tensor | None = None, sigmas: torch.Tensor | None = None,

@@ -1,14 +1,19 @@
-"""Samplers: integrate from noise to data along a discretization's sigmas.
+"""Samplers: integrate a schedule they are given, from noise to data (k-diffusion's contract).
 
-Every sampler is built as ``Sampler(discretization, num_steps, guider=None, **knobs)`` and
-called as ``sampler(denoise, x, cond, uc=None, num_steps=None, generator=None, callback=None)``
-where ``denoise(x, sigma, cond) -> x0`` and ``x`` is unit Gaussian noise, scaled by
-sqrt(1 + sigma_0^2) as sgm does. :meth:`BaseDiffusionSampler.sample` runs the same loop from
-a latent that is already at noise level ``sigmas[0]`` (img2img, refiner hand-off).
+The one entry is ``sampler.sample(denoise, x, sigmas, cond, uc=None, generator=None,
+callback=None)``: ``x`` is already at noise level ``sigmas[0]`` (see
+:func:`sgm.diffusion.schedule.initial_latent`), ``sigmas`` is a slice of the run's schedule
+(:func:`sgm.diffusion.schedule.sampling_sigmas`) and ``denoise(x, sigma, cond) -> x0`` is one
+network evaluation. The sampler's guider decides the branches of each step
+(:meth:`BaseDiffusionSampler.guided`). A new sampler is a subclass with one ``_loop`` method
+plus a config file in ``conf/sampler/``.
 
 Conventions kept from sgm / k-diffusion: the last step goes to sigma = 0, a step that lands
 on sigma = 0 spends no extra network evaluation, and all the randomness a sampler draws
-comes from ``generator``. The input tensor is never modified in place.
+comes from ``generator`` (one per image). The input tensor is never modified in place.
+Samplers are still built as ``Sampler(discretization, num_steps, guider)`` so that original
+sgm configs import; calling such a sampler (``sampler(denoise, noise, cond, uc)``) computes
+its own schedule as sgm does.
 
 References: Karras et al. 2022 (EDM, Algorithms 1-2); Lu et al. 2022 (DPM-Solver++);
 Crowson's k-diffusion for the ancestral and linear multistep formulations.
@@ -17,7 +22,7 @@ Crowson's k-diffusion for the ancestral and linear multistep formulations.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -25,12 +30,13 @@ from tqdm.auto import tqdm
 
 from ..config import build_part
 from ._checks import check_int, check_positive
-from .guiders import IdentityGuider
+from .guiders import Guided, IdentityGuider
+from .noise import Generators, gaussian_like
+from .schedule import initial_latent, sampling_sigmas
 from .util import to_d
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
 Callback = Callable[[dict], None]
-Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
 def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
@@ -56,7 +62,7 @@ def linear_multistep_coeff(order: int, t: np.ndarray, i: int, j: int) -> float:
 
 
 class BaseDiffusionSampler:
-    """Shared machinery: schedule, noise scaling, guidance, progress bar, callback."""
+    """Shared machinery: guidance, progress bar, callback, noise. Subclasses implement ``_loop``."""
 
     def __init__(
         self,
@@ -69,35 +75,13 @@ class BaseDiffusionSampler:
         discretization_config: Any = None,
         guider_config: Any = None,
     ):
-        self.discretization = build_part("discretization", discretization, discretization_config)
+        # discretization and num_steps serve only the sgm-style call (__call__); runs give a schedule
+        self.discretization = (build_part("discretization", discretization, discretization_config)
+                               if discretization is not None or discretization_config is not None else None)
         self.guider = build_part("guider", guider, guider_config, default=IdentityGuider)
         self.num_steps = None if num_steps is None else check_int("num_steps", num_steps)
         self.verbose = bool(verbose)
         self.device = device  # accepted for sgm configs; sampling follows the input's device
-
-    # -- public API ------------------------------------------------------------------
-    def __call__(
-        self,
-        denoise: DenoiseFn,
-        x: torch.Tensor,
-        cond: dict,
-        uc: dict | None = None,
-        num_steps: int | None = None,
-        generator: Generators = None,
-        callback: Callback | None = None,
-    ) -> torch.Tensor:
-        """Sample from unit Gaussian noise ``x``; returns the final x0."""
-        sigmas = self.get_sigmas(num_steps, device=x.device)
-        x = x * torch.sqrt(1.0 + sigmas[0] ** 2)
-        return self.sample(denoise, x, sigmas, cond, uc, generator=generator, callback=callback)
-
-    def get_sigmas(self, num_steps: int | None = None, device: Any = "cpu") -> torch.Tensor:
-        """The schedule of an ``num_steps``-step run, with the final zero."""
-        steps = num_steps if num_steps is not None else self.num_steps
-        if steps is None:
-            raise ValueError("num_steps is not set: give it to the sampler or to the call")
-        steps = check_int("num_steps", steps)
-        return self.discretization(steps, device=device)
 
     def sample(
         self,
@@ -109,38 +93,47 @@ class BaseDiffusionSampler:
         generator: Generators = None,
         callback: Callback | None = None,
     ) -> torch.Tensor:
-        """Integrate ``x`` (already at noise level ``sigmas[0]``) through ``sigmas``."""
+        """Integrate ``x`` (already at noise level ``sigmas[0]``) through ``sigmas``; returns x at the last one."""
         if sigmas.ndim != 1 or len(sigmas) < 2:
             raise ValueError("sigmas must be a 1-D schedule with at least two entries")
         uc = cond if uc is None else uc
         return self._loop(denoise, x, sigmas.tolist(), cond, uc, generator, callback)
 
+    def __call__(self, denoise: DenoiseFn, x: torch.Tensor, cond: dict, uc: dict | None = None,
+                 num_steps: int | None = None, generator: Generators = None,
+                 callback: Callback | None = None) -> torch.Tensor:
+        """sgm's call: unit noise ``x`` through this sampler's own discretization and step count."""
+        if self.discretization is None:
+            raise ValueError("this sampler has no discretization: give it one, or call sample() with a schedule")
+        steps = num_steps if num_steps is not None else self.num_steps
+        if steps is None:
+            raise ValueError("num_steps is not set: give it to the sampler or to the call")
+        sigmas = sampling_sigmas(self.discretization, steps, device=x.device)
+        return self.sample(denoise, initial_latent(x, sigmas[0]), sigmas, cond, uc, generator, callback)
+
     # -- pieces for subclasses -------------------------------------------------------
     def _loop(self, denoise, x, sigmas, cond, uc, generator, callback) -> torch.Tensor:
         raise NotImplementedError
 
+    def guided(self, denoise: DenoiseFn, x: torch.Tensor, sigma: float, cond: dict, uc: dict) -> Guided:
+        """The guider's step at scalar noise level ``sigma``: the x0 and every branch's prediction."""
+        s = x.new_full((x.shape[0],), sigma)
+        if hasattr(self.guider, "guide"):
+            return self.guider.guide(denoise, x, s, cond, uc)
+        x_in, s_in, c_in = self.guider.prepare_inputs(x, s, cond, uc)  # a guider with only sgm's API
+        return Guided(self.guider(denoise(x_in, s_in, c_in), s))
+
     def guided_denoise(self, denoise: DenoiseFn, x: torch.Tensor, sigma: float, cond: dict, uc: dict) -> torch.Tensor:
         """One guided x0 estimate at scalar noise level ``sigma`` for the whole batch."""
-        s = x.new_full((x.shape[0],), sigma)
-        x_in, s_in, c_in = self.guider.prepare_inputs(x, s, cond, uc)
-        return self.guider(denoise(x_in, s_in, c_in), s)
+        return self.guided(denoise, x, sigma, cond, uc).x0
 
     def steps(self, n: int):
         return tqdm(range(n), desc=type(self).__name__, disable=not self.verbose, leave=False)
 
     @staticmethod
     def noise_like(x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
-        """Unit Gaussian noise shaped like ``x``, drawn from ``generator`` on its own device.
-
-        ``generator`` may be a list with one generator per sample: each sample's noise then
-        depends on its own seed only, whatever the batch it is sampled in.
-        """
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != x.shape[0]:
-                raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
-            return torch.stack([BaseDiffusionSampler.noise_like(x[i], g) for i, g in enumerate(generator)])
-        device = generator.device if generator is not None else x.device
-        return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+        """Unit Gaussian noise shaped like ``x`` (see :func:`sgm.diffusion.noise.gaussian`)."""
+        return gaussian_like(x, generator)
 
     @staticmethod
     def _report(callback: Callback | None, **info: Any) -> None:
@@ -148,7 +141,7 @@ class BaseDiffusionSampler:
             callback(info)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(discretization={self.discretization!r}, num_steps={self.num_steps}, guider={self.guider!r})"
+        return f"{type(self).__name__}(guider={self.guider!r})"
 
 
 class EulerEDMSampler(BaseDiffusionSampler):

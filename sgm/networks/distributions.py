@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ..diffusion.noise import gaussian_like
+
 
 class DiagonalGaussianDistribution:
     """N(mean, exp(logvar)) from ``parameters`` [B, 2C, ...] split along dim 1 into mean and logvar.
@@ -26,9 +28,7 @@ class DiagonalGaussianDistribution:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """mean + std * eps, eps drawn from ``generator`` (on its own device, then moved)."""
-        device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps.to(self.mean.device)
+        return self.mean + self.std * gaussian_like(self.mean, generator)
 
     def mode(self) -> torch.Tensor:
         return self.mean

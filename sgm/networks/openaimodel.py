@@ -219,6 +219,7 @@ class UNetModel(nn.Module):
         if not channel_mult:
             raise ValueError(f"channel_mult must be a non-empty list of ints, got {channel_mult!r}")
         levels = len(channel_mult)
+        self.downsampling = 2 ** (levels - 1)  # total downsampling of the input path
         mult = [check_int(f"channel_mult[{i}]", m) for i, m in enumerate(channel_mult)]
         attn_res = as_list(attention_resolutions)
         if attn_res is None:

@@ -11,16 +11,19 @@ from torch import nn
 class OpenAIWrapper(nn.Module):
     """Routes the conditioning dict to the UNet: concat -> channels, crossattn -> context, vector -> y."""
 
-    def __init__(self, diffusion_model: nn.Module):
+    def __init__(self, diffusion_model: nn.Module, compile_model: bool = False):
         super().__init__()
         self.diffusion_model = diffusion_model
+        # torch.compile'd forward kept outside the module tree, so state_dict keys stay the original ones
+        self._compiled = [torch.compile(diffusion_model)] if compile_model else []
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: dict, **kwargs: Any) -> torch.Tensor:
         if c.get("concat") is not None:
             x = torch.cat((x, c["concat"].to(x.dtype)), dim=1)
         context, y = c.get("crossattn"), c.get("vector")
         dtype = module_dtype(self.diffusion_model)
-        return self.diffusion_model(
+        net = self._compiled[0] if self._compiled else self.diffusion_model
+        return net(
             x.to(dtype), timesteps=t, context=None if context is None else context.to(dtype),
             y=None if y is None else y.to(dtype), **kwargs,
         ).to(x.dtype)

@@ -4,34 +4,41 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import lightning as L
 import torch
 from PIL import Image
 
-from ..diffusion.discretization import EDMDiscretization
-from ..diffusion.guiders import VanillaCFG
-from ..diffusion.samplers import EulerEDMSampler
 from .writer import make_grid, save_png_once, to_uint8
 
 log = logging.getLogger(__name__)
 
 
+def find_ema(trainer: L.Trainer) -> "EMAWeights | None":
+    """The run's :class:`EMAWeights` callback, if it keeps an average."""
+    for cb in getattr(trainer, "callbacks", []):
+        if isinstance(cb, EMAWeights) and cb.decay is not None:
+            return cb
+    return None
+
+
 class SampleImages(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end), sample ``prompts`` x ``seeds``
-    with a fixed sampler and write ``samples/step_NNNNNN.png`` plus a W&B image."""
+    with the run's sampler (and its guider) over ``steps`` of the run's discretization, and
+    write ``samples/step_NNNNNN.png`` plus a W&B image. EMA weights are used when kept."""
 
     def __init__(self, out_dir: str | Path, prompts: Sequence[str], seeds: Sequence[int], every_n_steps: int,
-                 H: int, W: int, steps: int = 20, guidance_scale: float = 5.0,
-                 noise_range: dict | None = None, ema: "EMAWeights | None" = None):
-        self.ema = ema
+                 H: int, W: int, sampler: Any, discretization: Any, steps: int = 20):
         self.out_dir = Path(out_dir) / "samples"
-        self.prompts, self.seeds = list(prompts), [int(s) for s in seeds]
-        self.every_n_steps, self.H, self.W = int(every_n_steps), int(H), int(W)
-        nr = noise_range or {"sigma_min": 0.0292, "sigma_max": 14.6146, "rho": 3.0}
-        self.sampler = EulerEDMSampler(EDMDiscretization(**nr), int(steps), VanillaCFG(guidance_scale))
+        self.prompts, self.seeds = list(prompts or []), [int(s) for s in seeds]
+        self.every_n_steps, self.H, self.W, self.steps = int(every_n_steps), int(H), int(W), int(steps)
+        self.sampler, self.discretization = sampler, discretization
         self.last_step = -1
+        self.ema: EMAWeights | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.ema = find_ema(trainer)
 
     @torch.no_grad()
     def sample(self, engine) -> torch.Tensor:
@@ -43,7 +50,8 @@ class SampleImages(L.Callback):
             self.ema.swap_in(engine)
         try:
             cond, uc = engine.get_conditionings(prompts, [""] * len(prompts), self.H, self.W)
-            z = engine.sample_latents(cond, uc, seeds, engine.latent_shape(self.H, self.W), sampler=self.sampler)
+            sigmas = engine.schedule(self.discretization, self.steps)
+            z = engine.sample_latents(cond, uc, seeds, engine.latent_shape(self.H, self.W), sigmas, self.sampler)
             return engine.decode_first_stage(z).clamp(-1, 1).cpu()
         finally:
             if self.ema is not None:
@@ -70,11 +78,12 @@ class SampleImages(L.Callback):
                     log.warning("could not log sample images: %s", exc)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps > 0 and trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
+        if self.every_n_steps > 0 and self.prompts and trainer.global_step > 0 \
+                and trainer.global_step % self.every_n_steps == 0:
             self._run(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.every_n_steps > 0:
+        if self.every_n_steps > 0 and self.prompts:
             self._run(trainer, pl_module)
 
 
@@ -123,21 +132,37 @@ class ValidationLoss(L.Callback):
 
 
 class SaveFinalWeights(L.Callback):
-    """At the end of training, rank 0 writes the trained weights with ``save_fn(engine, path)``."""
+    """At the end of training, rank 0 writes the trained weights (EMA ones when kept), atomically:
+    a kohya LoRA file (``mode="lora"``) or, in full training, a single-file checkpoint in the
+    original layout (``save_dtype``). The run's config goes into the file's metadata."""
 
-    def __init__(self, path: str | Path, save_fn: Callable[[Any, Path], Any], ema: "EMAWeights | None" = None):
-        self.path, self.save_fn, self.ema = Path(path), save_fn, ema
+    def __init__(self, path: str | Path, mode: str, run_config: str = "", save_dtype: Any = None):
+        if mode not in ("lora", "full"):
+            raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
+        self.path, self.mode, self.save_dtype = Path(path), mode, save_dtype
+        self.metadata = {"sgm_config": str(run_config)}
+
+    def save(self, engine) -> None:
+        if self.mode == "lora":
+            from ..lora import save_lora
+
+            save_lora(engine, self.path, metadata=self.metadata)
+        else:
+            from ..checkpoint import save_checkpoint
+
+            save_checkpoint(engine, self.path, metadata=self.metadata, dtype=self.save_dtype)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            if self.ema is not None:
-                self.ema.swap_in(pl_module)
+            ema = find_ema(trainer)
+            if ema is not None:
+                ema.swap_in(pl_module)
             try:
-                self.save_fn(pl_module, self.path)
+                self.save(pl_module)
             finally:
-                if self.ema is not None:
-                    self.ema.swap_out(pl_module)
-            log.info("wrote %s%s", self.path, " (EMA weights)" if self.ema is not None else "")
+                if ema is not None:
+                    ema.swap_out(pl_module)
+            log.info("wrote %s%s", self.path, " (EMA weights)" if ema is not None else "")
 
 
 class EMAWeights(L.Callback):
@@ -150,10 +175,10 @@ class EMAWeights(L.Callback):
     always continues from the raw weights.
     """
 
-    def __init__(self, decay: float = 0.999, start_step: int = 0):
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema decay must be in (0, 1), got {decay}")
-        self.decay, self.start_step = float(decay), int(start_step)
+    def __init__(self, decay: float | None = 0.999, start_step: int = 0):
+        if decay is not None and not 0.0 < decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) (or null for no EMA), got {decay}")
+        self.decay, self.start_step = (None if decay is None else float(decay)), int(start_step)
         self.shadow: dict[str, torch.Tensor] = {}
         self.updates = 0
         self._last_step = -1
@@ -163,6 +188,8 @@ class EMAWeights(L.Callback):
         return {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        if self.decay is None:
+            return
         params = self._params(pl_module)
         if self.shadow:  # restored from a checkpoint
             if set(self.shadow) != set(params):
@@ -174,7 +201,7 @@ class EMAWeights(L.Callback):
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step == self._last_step:  # gradient accumulation: no optimizer step yet
+        if self.decay is None or step == self._last_step:  # off, or gradient accumulation: no optimizer step yet
             return
         self._last_step = step
         params = self._params(pl_module)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,13 +9,11 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from ..checkpoint import save_checkpoint
 from ..engine import DiffusionEngine
-from .callbacks import EMAWeights, SampleImages, SaveFinalWeights, ValidationLoss
-from .sample import apply_runtime_settings, build_engine, make_logger, run_dir
+from .common import (apply_runtime_settings, build_engine, check_size, check_weights, instantiate_callbacks,
+                     make_logger, run_dir)
 from .wandb_logger import finish_wandb
 
 log = logging.getLogger(__name__)
@@ -63,25 +60,6 @@ def prepare_trainable(engine: DiffusionEngine, cfg: DictConfig) -> str:
     return mode
 
 
-def _save_lora_file(engine, path, metadata):
-    from ..lora import save_lora
-
-    return save_lora(engine, path, metadata=metadata)
-
-
-def _save_model_file(engine, path, metadata, dtype):
-    return save_checkpoint(engine, path, metadata=metadata, dtype=dtype)
-
-
-def save_final(mode: str, cfg: DictConfig):
-    """The function (picklable, for DDP spawn) that writes the final weights: a kohya LoRA file,
-    or in full training a single-file checkpoint in the original layout."""
-    metadata = {"sgm_config": OmegaConf.to_yaml(cfg)}
-    if mode == "lora":
-        return functools.partial(_save_lora_file, metadata=metadata)
-    return functools.partial(_save_model_file, metadata=metadata, dtype=cfg.get("save_dtype"))
-
-
 def cache_encoder(engine: DiffusionEngine):
     """What ``cache_latents`` stores per item: the latent and both conditionings (c and uc)."""
 
@@ -90,8 +68,8 @@ def cache_encoder(engine: DiffusionEngine):
         x = engine.encode_first_stage(batch[engine.input_key].to(engine.device))
         keys = {k: (v.to(engine.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         c = engine.conditioner(keys)
-        uc = engine.conditioner(keys, force_zero_embeddings=engine.uc_zero_keys) if engine.uc_zero_keys else \
-            engine.conditioner({**keys, "txt": [""] * len(keys["txt"])})
+        empty = [""] * len(keys["txt"])
+        uc = engine.conditioning({**keys, "txt": empty}, engine.empty_captions(empty))
         out = {"latent": x.cpu()}
         for k in c:
             out[k], out[f"uc_{k}"] = c[k].cpu(), uc[k].cpu()
@@ -102,15 +80,15 @@ def cache_encoder(engine: DiffusionEngine):
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured engine on the configured data; return the final metrics."""
+    check_size(cfg.model, cfg.H, cfg.W)
+    check_weights(cfg.get("weights"))
     apply_runtime_settings(cfg)
     out_dir = run_dir()
     resume = find_resume(cfg.get("resume"), out_dir)
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate(cfg.data)
-    engine = build_engine(cfg.model, seed=int(cfg.seed))
-    engine.loss_fn = instantiate(cfg.loss)
-    engine.optimizer_factory = instantiate(cfg.optimizer)
-    engine.lr_scheduler_factory = instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None
+    engine = build_engine(cfg.model, cfg.get("weights"), seed=int(cfg.seed), loss_fn=cfg.loss,
+                          optimizer=cfg.optimizer, lr_scheduler=cfg.get("lr_scheduler"))
     engine.train_seed = int(cfg.seed)
     mode = prepare_trainable(engine, cfg)
     if cfg.get("cache_latents"):
@@ -123,19 +101,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tag = hashlib.sha256(OmegaConf.to_yaml(cfg.model, resolve=True).encode()).hexdigest()[:16]
         datamodule.build_cache(cache_encoder(engine), tag=tag)  # another model: another cache
 
-    val = cfg.validation
-    ema = EMAWeights(float(cfg.ema_decay)) if cfg.get("ema_decay") else None
-    callbacks: list[L.Callback] = [*([ema] if ema else []),
-        ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="step-{step:06d}", every_n_train_steps=int(cfg.checkpoint_every_n_steps),
-                        save_top_k=int(cfg.keep_checkpoints), monitor="step", mode="max", save_last=True,
-                        auto_insert_metric_name=False),
-        SaveFinalWeights(out_dir / str(cfg.output_name), save_final(mode, cfg), ema=ema),
-        ValidationLoss(int(val.every_n_steps)),
-    ]
-    if int(val.sample_every_n_steps) > 0 and val.prompts:
-        callbacks.append(SampleImages(out_dir, val.prompts, val.seeds, int(val.sample_every_n_steps), int(cfg.model.H),
-                                      int(cfg.model.W), int(val.steps), float(val.guidance_scale),
-                                      OmegaConf.to_container(cfg.model.noise_range), ema=ema))
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), mode=mode, run_config=OmegaConf.to_yaml(cfg))
     from lightning.pytorch.loggers import CSVLogger
 
     loggers = [CSVLogger(save_dir=out_dir, name="", version="")]  # metrics.csv in the run folder

@@ -1,0 +1,90 @@
+"""The sampling schedule, computed once per run; txt2img, img2img and the refiner use slices of it.
+
+* :func:`sampling_sigmas`: the ``steps + 1`` sigmas (final 0) of a discretization; a range
+  left unset (``sigma_min``/``sigma_max`` = None) is the model's trained range, read from its
+  denoiser (:func:`model_sigma_range`), so that range is stated once, in the denoiser.
+* :func:`img2img_start`: where img2img enters that schedule, by one of two rules
+  (:data:`IMG2IMG_RULES`).
+* :func:`split_index`: where the base hands over to the refiner.
+* :func:`initial_latent`: the latent a sampler starts from at ``sigmas[0]``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from ._checks import check_int
+
+IMG2IMG_RULES = ("last_steps", "sgm")
+
+
+def model_sigma_range(denoiser: Any) -> tuple[float, float] | None:
+    """The trained (sigma_min, sigma_max) of a model's denoiser, or None when it states none."""
+    lo, hi = getattr(denoiser, "sigma_min", None), getattr(denoiser, "sigma_max", None)
+    return None if lo is None or hi is None else (float(lo), float(hi))
+
+
+def for_model(discretization: Any, denoiser: Any = None) -> Any:
+    """``discretization`` with an unset sigma range filled from ``denoiser`` (a copy; the input is kept)."""
+    unset = [k for k in ("sigma_min", "sigma_max") if hasattr(discretization, k) and getattr(discretization, k) is None]
+    if not unset:
+        return discretization
+    trained = model_sigma_range(denoiser)
+    if trained is None:
+        raise ValueError(f"{type(discretization).__name__} leaves {' and '.join(unset)} to the model, but the "
+                         "model's denoiser states no trained sigma range: set them in the discretization")
+    filled = copy.copy(discretization)
+    for key, value in zip(("sigma_min", "sigma_max"), trained):
+        if key in unset:
+            setattr(filled, key, value)
+    if filled.sigma_min >= filled.sigma_max:
+        raise ValueError(f"sigma_min ({filled.sigma_min}) must be smaller than sigma_max ({filled.sigma_max})")
+    return filled
+
+
+def sampling_sigmas(discretization: Any, steps: int, denoiser: Any = None, device: Any = "cpu") -> torch.Tensor:
+    """The schedule of a ``steps``-step run: ``steps + 1`` descending sigmas ending with 0."""
+    return for_model(discretization, denoiser)(check_int("steps", steps), device=device)
+
+
+def img2img_start(num_steps: int, strength: float, rule: str = "last_steps") -> int:
+    """Index into an ``num_steps``-step schedule (``num_steps + 1`` sigmas) where img2img starts.
+
+    * ``last_steps`` (default): the last ``max(1, round(strength * num_steps))`` steps run.
+    * ``sgm`` (Stability's ``Img2ImgDiscretizationWrapper``): the last
+      ``max(1, int(strength * (num_steps + 1)))`` sigmas, the final 0 included, are kept, so
+      one step fewer runs (strength 0.6, 10 steps: 5 steps against 6); it may keep no step at
+      all, and the run then returns the init image's latent.
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if rule not in IMG2IMG_RULES:
+        raise ValueError(f"img2img_schedule must be one of {IMG2IMG_RULES}, got {rule!r}")
+    if strength == 1.0:
+        return 0
+    if rule == "sgm":
+        return num_steps + 1 - max(1, int(strength * (num_steps + 1)))
+    return num_steps - max(1, round(strength * num_steps))
+
+
+def split_index(num_steps: int, switch: float) -> int:
+    """Index where the base model hands over to the refiner: step ``round(switch * num_steps)``."""
+    if not 0.0 < switch < 1.0:
+        raise ValueError(f"refiner_switch must be in (0, 1), got {switch}")
+    return round(switch * num_steps)
+
+
+def initial_latent(noise: torch.Tensor, sigma: torch.Tensor | float, init_latent: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """The latent at noise level ``sigma`` that sampling starts from (sgm's convention).
+
+    From pure noise (txt2img): ``noise * sqrt(1 + sigma^2)``; from an image's latent
+    (img2img): ``init_latent + noise * sigma``.
+    """
+    sigma = torch.as_tensor(sigma, dtype=noise.dtype, device=noise.device)
+    if init_latent is None:
+        return noise * torch.sqrt(1.0 + sigma**2)
+    return init_latent.to(noise.device, noise.dtype) + noise * sigma

@@ -1,0 +1,121 @@
+"""What run.py and train.py share: building the engine, runtime switches, run folder, logger, callbacks."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import sgm
+
+from ..checkpoint import load_checkpoint, parse_dtype
+from ..engine import DiffusionEngine
+from ..networks.sizes import check_pixel_size, config_pixel_multiple
+
+log = logging.getLogger(__name__)
+
+
+def check_weights(weights: Any, what: str = "model") -> Path | None:
+    """The checkpoint path of a ``weights`` node ({checkpoint, dtype, random}), checked before anything is built."""
+    weights = weights or {}
+    checkpoint = weights.get("checkpoint")
+    prefix = "weights" if what == "model" else f"{what}_weights"
+    if not checkpoint:
+        if not weights.get("random"):
+            raise ValueError(f"the {what} config expects a checkpoint: set {prefix}.checkpoint=PATH "
+                             f"(or {prefix}.random=true for seeded random weights)")
+        return None
+    path = Path(str(checkpoint))
+    if path.is_dir():
+        raise IsADirectoryError(f"{prefix}.checkpoint {str(path)!r} is a directory, not a checkpoint file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{prefix}.checkpoint {str(path)!r} does not exist")
+    parse_dtype(weights.get("dtype"))
+    return path
+
+
+def build_engine(model: Any, weights: Any = None, seed: int = 0, what: str = "model", **parts: Any) -> DiffusionEngine:
+    """Instantiate a ``model`` node (plus engine ``parts`` such as ``loss_fn``); with
+    ``weights.checkpoint`` build on the meta device and load the file tensor by tensor.
+
+    ``weights.dtype`` (float32 / float16 / bfloat16) casts the weights; a VAE that is not
+    fp16-safe stays float32 when the rest is float16.
+    """
+    path = check_weights(weights, what)
+    dtype = parse_dtype((weights or {}).get("dtype"))
+    if path is not None:
+        with torch.device("meta"):
+            engine = instantiate(model, **parts)
+        keep = ("first_stage_model.",) if dtype == torch.float16 and not engine.first_stage_fp16_safe else ()
+        load_checkpoint(engine, path, dtype=dtype, keep_float32=keep)
+        engine.to("cpu")  # no copy (the weights are on the CPU now); resets Lightning's device record
+    else:
+        torch.manual_seed(seed)
+        engine = instantiate(model, **parts)
+        if dtype is not None:  # weights only: the denoiser's sigma table stays float32
+            vae_dtype = torch.float32 if dtype == torch.float16 and not engine.first_stage_fp16_safe else dtype
+            engine.model.to(dtype)
+            engine.conditioner.to(dtype)
+            engine.first_stage_model.to(vae_dtype)
+    return engine.eval()
+
+
+def check_size(model: Any, height: Any, width: Any, names: tuple[str, str] = ("H", "W")) -> tuple[int, int]:
+    """Fail before any model is built when the size cannot pass the model's VAE and UNet."""
+    node = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else model
+    return check_pixel_size(height, width, config_pixel_multiple(node), names)
+
+
+def apply_runtime_settings(cfg: DictConfig) -> None:
+    """Global switches: the attention backend and the number of CPU threads."""
+    if cfg.get("cpu_threads"):
+        torch.set_num_threads(int(cfg.cpu_threads))
+    if cfg.get("attention"):
+        from ..networks.attention import set_attention_backend
+
+        set_attention_backend(str(cfg.attention), force=True)
+
+
+def provenance(cfg: DictConfig) -> dict[str, str]:
+    """What produced a run's outputs: versions and the resolved config (PNG text chunks, metadata)."""
+    import lightning
+
+    return {"sgm": sgm.__version__, "torch": torch.__version__, "lightning": lightning.__version__,
+            "python": platform.python_version(), "config": OmegaConf.to_yaml(cfg, resolve=True)}
+
+
+def run_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def make_logger(cfg: DictConfig, out_dir: Path) -> Any:
+    if cfg.get("logger") is None:
+        return None
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    group = Path(hc.sweep.dir).name if multirun else None
+    name = f"{group}/{hc.job.num}" if multirun else out_dir.name
+    factory = instantiate(cfg.logger, _partial_=True)  # partial: the run config must not be instantiated
+    return factory(save_dir=str(out_dir), name=name, group=group, run_config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def instantiate_callbacks(nodes: Any, **runtime: Any) -> list:
+    """The ``callbacks`` group's nodes as Lightning callbacks. A value written ``???`` in a node is
+    the run's own: it is taken from ``runtime`` by its key (an error names a missing one)."""
+    callbacks = []
+    for name, node in (nodes or {}).items():
+        if node is None:
+            continue
+        wanted = {k for k in node if OmegaConf.is_missing(node, k)}
+        unknown = wanted - set(runtime)
+        if unknown:
+            raise ValueError(f"callbacks.{name} needs {sorted(unknown)}, which this task does not provide")
+        callbacks.append(instantiate(node, **{k: runtime[k] for k in wanted}))
+    return callbacks
