@@ -44,8 +44,8 @@ def test_every_sampling_option_composes_and_instantiates(group):
         cfg = _compose([f"{group}={name}"])
         obj = instantiate(cfg[group])
         assert type(obj).__module__.startswith("sgm."), (group, name, obj)
-        if group == "sampler":
-            assert obj.num_steps == cfg.steps
+        if group == "sampler":  # samplers integrate the schedule they are given
+            assert obj.discretization is None and obj.num_steps is None
 
 
 @pytest.mark.parametrize("group", ["denoiser", "sigma_sampler", "loss_weighting", "loss"])
@@ -61,24 +61,27 @@ def test_edm_defaults_to_the_models_trained_range():
     assert (disc.sigma_min, disc.sigma_max, disc.rho) == (0.0292, 14.6146, 3.0)
 
 
-def test_overrides_reach_the_sampler():
+def test_overrides_reach_the_sampler_and_the_schedule():
+    from sgm.diffusion.schedule import sampling_sigmas
+
     cfg = _compose(["sampler=heun", "discretization=edm", "discretization.rho=5", "guider.scale=-2.5", "steps=7"])
-    sampler = instantiate(cfg.sampler)
-    assert sampler.discretization.rho == 5 and sampler.guider.scale == -2.5 and sampler.num_steps == 7
+    sampler, disc = instantiate(cfg.sampler), instantiate(cfg.discretization)
+    assert type(sampler).__name__ == "HeunEDMSampler" and sampler.guider.scale == -2.5
+    assert disc.rho == 5 and len(sampling_sigmas(disc, cfg.steps)) == 8
 
 
 def _run(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-def test_cli_cfg_job_shows_rho_reaching_the_sampler():
+def test_cli_cfg_job_shows_rho_reaching_the_schedule():
     res = _run("sampler=euler", "discretization=edm", "discretization.rho=3", "--cfg", "job", "--resolve")
     assert res.returncode == 0, res.stderr
     job = yaml.safe_load(res.stdout)
-    assert job["sampler"]["_target_"].endswith("EulerEDMSampler")
-    assert job["sampler"]["discretization"]["rho"] == 3
+    assert job["sampler"]["_target_"].endswith("EulerEDMSampler") and "discretization" not in job["sampler"]
+    assert job["discretization"]["rho"] == 3 and job["discretization"]["sigma_min"] == 0.0292
     raw = yaml.safe_load(_run("discretization.rho=3", "--cfg", "job").stdout)
-    assert raw["discretization"]["rho"] == 3 and raw["sampler"]["discretization"] == "${discretization}"
+    assert raw["discretization"]["sigma_max"] == "${oc.select:model.denoiser.sigma_max,null}"
 
 
 def test_cli_unknown_sampler_lists_the_choices():
@@ -90,19 +93,19 @@ def test_cli_unknown_sampler_lists_the_choices():
 
 
 @pytest.mark.parametrize(
-    "override, name",
-    [("steps=0", "num_steps"), ("discretization.rho=0", "rho"), ("discretization.sigma_min=20", "sigma_min"),
-     ("guider.scale=nan", "scale")],
+    "override, group, name",
+    [("discretization.rho=0", "discretization", "rho"), ("discretization.sigma_min=20", "discretization", "sigma_min"),
+     ("guider.scale=nan", "sampler", "scale")],
 )
-def test_bad_values_fail_at_construction_naming_the_parameter(override, name):
+def test_bad_values_fail_at_construction_naming_the_parameter(override, group, name):
     cfg = _compose([override])
     with pytest.raises(InstantiationException, match=name):
-        instantiate(cfg.sampler)
+        instantiate(cfg[group])
 
 
 def test_cli_bad_value_fails_before_writing_anything(tmp_path):
     res = _run("steps=0", f"hydra.run.dir={tmp_path}/run")
-    assert res.returncode != 0 and "num_steps" in res.stderr
+    assert res.returncode != 0 and "steps must be an integer" in res.stderr
     assert not list((tmp_path / "run").glob("*.png"))
 
 

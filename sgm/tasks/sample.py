@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
 
+from ..diffusion._checks import check_int
 from ..data.prompts import PromptDataModule, make_jobs, read_prompt_file
 from .common import (apply_runtime_settings, build_engine, check_size, check_weights, instantiate_callbacks,
                      make_logger, provenance, run_dir)
@@ -54,6 +55,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     jobs = make_jobs(prompts, str(cfg.negative_prompt or ""), int(cfg.seed), int(cfg.num_images_per_prompt),
                      cfg.get("wildcards_dir"))
     H, W = check_size(cfg.model, cfg.H, cfg.W)
+    check_int("steps", cfg.steps)
     check_weights(cfg.get("weights"))
     sampler = instantiate(cfg.sampler)
     discretization = instantiate(cfg.discretization)
@@ -61,6 +63,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if not Path(f).is_file():
             raise FileNotFoundError(f"lora file {str(f)!r} does not exist")
     if cfg.get("refiner") is not None:
+        check_size(cfg.refiner, H, W)
         check_weights(cfg.get("refiner_weights"), "refiner")
     image_metrics = instantiate(cfg.metrics) if cfg.get("metrics") is not None else None
     out_dir = run_dir()
