@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..config import build_part
 from ._checks import check_int, check_positive
-from .guiders import IdentityGuider
+from .guiders import Guider, IdentityGuider
 from .util import to_d
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
@@ -122,6 +122,8 @@ class BaseDiffusionSampler:
     def guided_denoise(self, denoise: DenoiseFn, x: torch.Tensor, sigma: float, cond: dict, uc: dict) -> torch.Tensor:
         """One guided x0 estimate at scalar noise level ``sigma`` for the whole batch."""
         s = x.new_full((x.shape[0],), sigma)
+        if isinstance(self.guider, Guider):  # the branch seam; sgm-style guiders below
+            return self.guider.guide(denoise, x, s, cond, uc).x0
         x_in, s_in, c_in = self.guider.prepare_inputs(x, s, cond, uc)
         return self.guider(denoise(x_in, s_in, c_in), s)
 
