@@ -5,6 +5,7 @@ from .discretization import EDMDiscretization, LegacyDDPMDiscretization, make_be
 from .guiders import DynamicThresholding, IdentityGuider, IntervalCFG, RescaledCFG, VanillaCFG
 from .loss import StandardDiffusionLoss
 from .loss_weighting import EDMWeighting, EpsWeighting, MinSNRWeighting, UnitWeighting, VWeighting
+from .pag import PAGGuider
 from .samplers import (
     DPMPP2MSampler,
     DPMPP2SAncestralSampler,

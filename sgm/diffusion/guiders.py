@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import build_part
+from ..networks.patches import OPTIONS_KEY  # the conditioning key that carries a branch's network options
 from ._checks import check_finite, check_positive
 
 
@@ -36,9 +37,6 @@ def _cat_conditionings(uc: dict, c: dict) -> dict:
                 raise ValueError(f"non-tensor conditioning {key!r} differs between cond and uc")
             out[key] = value
     return out
-
-
-OPTIONS_KEY = "transformer_options"  # the conditioning key that carries a branch's network options
 
 
 @dataclass
@@ -209,7 +207,10 @@ class VanillaCFG(Guider):
 
     def cfg(self, x_u: torch.Tensor, x_c: torch.Tensor) -> torch.Tensor:
         """The guided x0 from the unconditional and conditional predictions."""
-        x_pred = self.dyn_thresh(x_u, x_c, self.scale)
+        return self.rescaled(self.dyn_thresh(x_u, x_c, self.scale), x_c)
+
+    def rescaled(self, x_pred: torch.Tensor, x_c: torch.Tensor) -> torch.Tensor:
+        """CFG rescale (phi = ``rescale``) of a guided x0 towards the conditional prediction's std."""
         if self.rescale > 0:
             dims = tuple(range(1, x_c.ndim))
             std_c = x_c.std(dim=dims, keepdim=True)

@@ -1,4 +1,4 @@
-"""Networks with weights: the SDXL UNet (openaimodel layout), the KL autoencoder, attention backends."""
+"""Networks with weights: the SDXL UNet (openaimodel layout), the KL autoencoder, attention backends, UNet patches."""
 
 from .attention import (
     CrossAttention,
@@ -9,7 +9,9 @@ from .attention import (
 )
 from .autoencoder import AutoencoderKL, IdentityFirstStage
 from .distributions import DiagonalGaussianDistribution
+from .freeu import FreeU
 from .openaimodel import UNetModel
+from .patches import UNetPatch, apply_patches
 from .transformer import BasicTransformerBlock, SpatialTransformer
 from .vae import Decoder, Encoder
 

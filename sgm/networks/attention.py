@@ -148,8 +148,11 @@ class CrossAttention(nn.Module):
     """Multi-head (cross-)attention with bias-free q/k/v projections (ldm ``CrossAttention``).
 
     Keys: ``to_q``, ``to_k``, ``to_v``, ``to_out.0``. Attends to ``context`` [B, M, context_dim]
-    when given, else to ``x`` itself.
+    when given, else to ``x`` itself. ``transformer_options["patches"]`` may replace the output
+    (:mod:`sgm.networks.patches`); ``name`` is the layer's module name inside its UNet.
     """
+
+    name: str = ""  # set by UNetModel: plain attribute, not state
 
     def __init__(
         self,
@@ -170,7 +173,13 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                transformer_options: dict | None = None) -> torch.Tensor:
+        if transformer_options:
+            for patch in transformer_options.get("patches", ()):
+                out = patch.attention(self, x, context)
+                if out is not None:
+                    return out
         context = x if context is None else context
         out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.backend)
         return self.to_out(out)

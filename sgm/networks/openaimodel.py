@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import backend_from_config
+from .attention import CrossAttention, backend_from_config
 from .transformer import SpatialTransformer
 from .util import (
     Checkpointed,
@@ -39,14 +39,15 @@ class TimestepBlock(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """Sequential that passes ``emb`` to TimestepBlocks and ``context`` to SpatialTransformers."""
+    """Sequential: ``emb`` goes to TimestepBlocks, ``context`` and ``transformer_options`` to SpatialTransformers."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Any = None) -> torch.Tensor:  # type: ignore
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Any = None,  # type: ignore
+                transformer_options: dict | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, TimestepBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, transformer_options)
             else:
                 x = layer(x)
         return x
@@ -176,6 +177,13 @@ class UNetModel(nn.Module):
     transformer blocks in the backward pass. ``spatial_transformer_attn_type`` is
     ``softmax`` (default attention backend), ``softmax-xformers`` (xformers if installed)
     or a backend name (``sdpa``, ``xformers``, ``math``), see :mod:`sgm.networks.attention`.
+
+    ``transformer_options`` (one call's network options, ``"patches"``) reach the attention
+    layers and the up path, see :mod:`sgm.networks.patches`. For those patches each
+    ``CrossAttention`` has ``.name``, its module name here, and :attr:`block_positions` maps
+    each block name (``input_blocks.4``, ``middle_block``, ``output_blocks.0``) to its place
+    ``(path, block, position)`` in diffusers' layout (``("down", 1, 0)``: ``down_blocks.1``,
+    its resnet / attention 0; ``up`` blocks count from the lowest resolution).
     """
 
     def __init__(
@@ -277,6 +285,7 @@ class UNetModel(nn.Module):
 
         conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_in)])
+        positions: dict[str, tuple[str, int, int]] = {"middle_block": ("mid", 0, 0)}
         chans = [model_channels]
         ch, ds = model_channels, 1
         for level, m in enumerate(mult):
@@ -285,6 +294,7 @@ class UNetModel(nn.Module):
                 ch = m * model_channels
                 if attends(level, i):
                     layers.append(transformer(ch, depths[level], bool(disabled_sa[level]) if disabled_sa else False))
+                positions[f"input_blocks.{len(self.input_blocks)}"] = ("down", level, i)
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 chans.append(ch)
             if level != levels - 1:
@@ -307,11 +317,17 @@ class UNetModel(nn.Module):
                 if level and i == self.num_res_blocks[level]:
                     layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample))
                     ds //= 2
+                positions[f"output_blocks.{len(self.output_blocks)}"] = ("up", levels - 1 - level, i)
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
         )
+        # plain attributes (the state dict keeps the checkpoint's keys): names for the patches
+        self.block_positions = positions
+        for name, module in self.named_modules():
+            if isinstance(module, CrossAttention):
+                module.name = name
 
     @staticmethod
     def _label_embedding(num_classes: Any, adm_in_channels: int | None, emb_dim: int) -> nn.Module | None:
@@ -350,7 +366,7 @@ class UNetModel(nn.Module):
 
     def set_attention_backend(self, backend: str | None) -> None:
         """Per-model override of the attention backend (None: follow the global setting)."""
-        from .attention import CrossAttention, _check
+        from .attention import _check
 
         name = None if backend is None else _check(backend)
         for module in self.modules():
@@ -363,6 +379,7 @@ class UNetModel(nn.Module):
         timesteps: torch.Tensor | None = None,
         context: torch.Tensor | list[torch.Tensor] | None = None,
         y: torch.Tensor | None = None,
+        transformer_options: dict | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Predict the network output for latents ``x`` at ``timesteps`` (see the class doc)."""
@@ -384,12 +401,20 @@ class UNetModel(nn.Module):
             context = [c.to(dtype) for c in context]
         elif context is not None:
             context = context.to(dtype)
+        patches = transformer_options.get("patches", ()) if transformer_options else ()
+        for patch in patches:
+            patch.prepare(self)
         h = x.to(dtype)
         hs = []
         for module in self.input_blocks:
-            h = module(h, emb, context)
+            h = module(h, emb, context, transformer_options)
             hs.append(h)
-        h = self.middle_block(h, emb, context)
-        for module in self.output_blocks:
-            h = module(torch.cat([h, hs.pop()], dim=1), emb, context)
+        h = self.middle_block(h, emb, context, transformer_options)
+        for k, module in enumerate(self.output_blocks):
+            skip = hs.pop()
+            if patches:
+                name = f"output_blocks.{k}"
+                for patch in patches:
+                    h, skip = patch.output_block(name, self.block_positions[name][1], h, skip)
+            h = module(torch.cat([h, skip], dim=1), emb, context, transformer_options)
         return self.out(h).to(x.dtype)

@@ -73,13 +73,15 @@ class BasicTransformerBlock(Checkpointed):
         self.norm3 = nn.LayerNorm(dim)
         self.use_checkpoint = use_checkpoint
 
-    def _forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        x = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None) + x
-        x = self.attn2(self.norm2(x), context=context) + x
+    def _forward(self, x: torch.Tensor, context: torch.Tensor | None, options: dict | None = None) -> torch.Tensor:
+        self_context = context if self.disable_self_attn else None
+        x = self.attn1(self.norm1(x), context=self_context, transformer_options=options) + x
+        x = self.attn2(self.norm2(x), context=context, transformer_options=options) + x
         return self.ff(self.norm3(x)) + x
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        return self.maybe_checkpoint(self._forward, x, context)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                transformer_options: dict | None = None) -> torch.Tensor:
+        return self.maybe_checkpoint(self._forward, x, context, transformer_options)
 
 
 def block_context_dims(context_dim: Any, depth: int) -> list[int | None]:
@@ -143,7 +145,8 @@ class SpatialTransformer(nn.Module):
         else:
             self.proj_out = zero_module(nn.Conv2d(inner, in_channels, 1))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | list[torch.Tensor] | None = None,
+                transformer_options: dict | None = None) -> torch.Tensor:
         contexts = context if isinstance(context, (list, tuple)) else [context]
         b, c, h, w = x.shape
         residual = x
@@ -154,7 +157,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for i, block in enumerate(self.transformer_blocks):
-            x = block(x, context=contexts[i if len(contexts) > 1 else 0])
+            x = block(x, context=contexts[i if len(contexts) > 1 else 0], transformer_options=transformer_options)
         if self.use_linear:
             x = self.proj_out(x)
         x = x.transpose(1, 2).reshape(b, -1, h, w)

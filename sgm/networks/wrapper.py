@@ -7,20 +7,31 @@ from typing import Any
 import torch
 from torch import nn
 
+from .patches import OPTIONS_KEY, UNetPatch, merge_options
+
 
 class OpenAIWrapper(nn.Module):
-    """Routes the conditioning dict to the UNet: concat -> channels, crossattn -> context, vector -> y."""
+    """Routes the conditioning dict to the UNet: concat -> channels, crossattn -> context, vector -> y.
+
+    ``c["transformer_options"]`` (a guider branch's options) and the network-level
+    ``patches`` (empty by default; settable: ``wrapper.patches = [FreeU()]``) reach the UNet
+    as ``transformer_options=``, only when there is something (see :mod:`sgm.networks.patches`).
+    """
 
     def __init__(self, diffusion_model: nn.Module, compile_model: bool = False):
         super().__init__()
         self.diffusion_model = diffusion_model
         # torch.compile'd forward kept outside the module tree, so state_dict keys stay the original ones
         self._compiled = [torch.compile(diffusion_model)] if compile_model else []
+        self.patches: list[UNetPatch] = []
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: dict, **kwargs: Any) -> torch.Tensor:
         if c.get("concat") is not None:
             x = torch.cat((x, c["concat"].to(x.dtype)), dim=1)
         context, y = c.get("crossattn"), c.get("vector")
+        options = merge_options(c.get(OPTIONS_KEY), self.patches)
+        if options:
+            kwargs["transformer_options"] = options
         dtype = module_dtype(self.diffusion_model)
         net = self._compiled[0] if self._compiled else self.diffusion_model
         return net(
