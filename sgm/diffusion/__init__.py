@@ -1,5 +1,6 @@
 """The math of diffusion, without weights: schedules, preconditioning, guidance, samplers, losses."""
 
+from .brownian import BrownianTreeNoise
 from .denoiser import Denoiser, DiscreteDenoiser
 from .discretization import EDMDiscretization, LegacyDDPMDiscretization, make_beta_schedule
 from .guiders import DynamicThresholding, IdentityGuider, IntervalCFG, RescaledCFG, VanillaCFG
@@ -8,6 +9,7 @@ from .loss_weighting import EDMWeighting, EpsWeighting, MinSNRWeighting, UnitWei
 from .pag import PAGGuider
 from .samplers import (
     DPMPP2MSampler,
+    DPMPP2MSDESampler,
     DPMPP2SAncestralSampler,
     EulerAncestralSampler,
     EulerEDMSampler,
