@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from sgm.data.buckets import BucketBatchSampler, aspect_error, make_buckets
-from sgm.data.images import ImageFolderDataModule, load_view, plan_crop
+from sgm.data.datamodule import ImageFolderDataModule
+from sgm.data.transforms import load_view, plan_crop
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {  # name: (size (w, h) as PIL gives it, mode)

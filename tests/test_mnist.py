@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sgm.data.images import ImageFolderDataModule
+from sgm.data.datamodule import ImageFolderDataModule
 from sgm.data.mnist import caption, export_image_folder, load_mnist_5k, split
 
 

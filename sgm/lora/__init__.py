@@ -14,7 +14,8 @@ Sampling::
     handle.unmerge()                                            # original weights back
 
 Module layout: :mod:`.spec` (LoRASpec, default targets), :mod:`.names` (adaptable layers,
-kohya and diffusers names), :mod:`.layers` (adapters and hooks), :mod:`.files` (file I/O,
+kohya and diffusers names), :mod:`.delta` (the update ``alpha / r * up @ down`` and its
+merge into a weight), :mod:`.layers` (adapters and hooks), :mod:`.files` (file I/O,
 format conversion, merging). Own layers rather than PEFT: bigG's q/k/v are row thirds of
 one ``nn.MultiheadAttention.in_proj_weight`` (PEFT adapts modules, not row blocks), the
 engine's state-dict keys must stay those of the original checkpoints, and the file

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .delta import lora_delta, merge_delta
 from .layers import lora_network
 from .names import Target, all_targets, diffusers_unet_names, kohya_name, text_encoders, unet_of
 
@@ -171,10 +172,8 @@ class LoRAWeights:
         """``strength * alpha / r * up @ down`` in float32 on the target's device, shaped like its weight."""
         device = self.target.weight.device
         down = self.down.to(device=device, dtype=torch.float32)
-        up = self.up.to(device=device, dtype=torch.float32).flatten(1)
-        d = up @ down.flatten(1)
-        shape = self.delta_shape()
-        return d.reshape(shape) * (strength * self.alpha / self.rank)
+        up = self.up.to(device=device, dtype=torch.float32)
+        return lora_delta(up, down, strength * self.alpha / self.rank, self.delta_shape())
 
 
 def _peft_alphas(metadata: dict[str, str]) -> dict[str, tuple[float | None, dict[str, float]]]:
@@ -367,8 +366,7 @@ class LoRAMerge:
                 target.weight.copy_(original)
         else:
             for w, strength in reversed(self.items):
-                t = w.target.weight
-                t.sub_(w.delta(strength).to(t.dtype))
+                merge_delta(w.target.weight, w.delta(strength), unmerge=True)
         if stack:
             stack.pop()
         self.merged = False
@@ -411,8 +409,7 @@ def load_lora_files(engine: nn.Module, files: str | os.PathLike | Sequence[str |
                 seen.add(key)
                 originals.append((w.target, w.target.weight.detach().to("cpu", copy=True)))
     for w, s in items:
-        t = w.target.weight
-        t.add_(w.delta(s).to(t.dtype))
+        merge_delta(w.target.weight, w.delta(s))
     handle = LoRAMerge(engine, items, originals, [str(f) for f in files])
     engine.__dict__.setdefault("_lora_merges", []).append(handle)
     log.info("merged %d LoRA module(s) from %d file(s)", len(items), len(files))

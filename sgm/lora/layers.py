@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from .delta import lora_delta, merge_delta
 from .names import Target, select_targets, text_encoders
 from .spec import LoRASpec
 
@@ -58,9 +59,7 @@ class LoRAAdapter(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * up @ down`` with the base layer's weight shape (differentiable)."""
-        up, down = self.lora_up.weight, self.lora_down.weight
-        delta = up.flatten(1) @ down.flatten(1)
-        return (delta.reshape(up.shape[0], *down.shape[1:]) if down.ndim == 4 else delta) * self.scale
+        return lora_delta(self.lora_up.weight, self.lora_down.weight, self.scale)
 
 
 class _AddDelta:
@@ -186,8 +185,7 @@ def merge_trained_lora(engine: nn.Module, strength: float = 1.0) -> list[str]:
     """Add ``strength`` x each adapter's update to its base weight, then remove the adapters (permanent)."""
     net = lora_network(engine)
     for name, t in net.targets.items():
-        w = t.weight
-        w.add_((strength * net[name].delta_weight().float()).to(device=w.device, dtype=w.dtype))
+        merge_delta(t.weight, strength * net[name].delta_weight().float())
     names = list(net.keys())
     remove_lora(engine)
     return names

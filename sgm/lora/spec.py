@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 #: kohya's default UNet targets: every Linear/1x1 layer of the transformer blocks
 #: (722 modules on SDXL base). Suffix patterns over sgm module paths, ``*`` wildcards allowed.
@@ -23,6 +24,7 @@ DEFAULT_TE_TARGETS: tuple[str, ...] = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2",
 )
 INITS = ("kohya", "gaussian")
+T = TypeVar("T")
 
 
 def _patterns(name: str, value: Any) -> tuple[str, ...]:
@@ -67,12 +69,7 @@ class LoRASpec:
         self.alpha = _positive_float("alpha", self.alpha)
         self.conv_rank = self.rank if self.conv_rank is None else _positive_int("conv_rank", self.conv_rank)
         self.conv_alpha = self.alpha if self.conv_alpha is None else _positive_float("conv_alpha", self.conv_alpha)
-        try:
-            self.dropout = float(self.dropout)
-        except (TypeError, ValueError):
-            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}") from None
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        self.dropout = _checked("dropout", self.dropout, "a number", "in [0, 1)", float, lambda v: 0.0 <= v < 1.0)
         self.unet_targets = _patterns("unet_targets", self.unet_targets)
         self.text_encoder_targets = _patterns("text_encoder_targets", self.text_encoder_targets)
         if not isinstance(self.train_text_encoders, bool) or not isinstance(self.include_conv, bool):
@@ -89,19 +86,31 @@ class LoRASpec:
                 "init": self.init}
 
 
-def _positive_int(name: str, value: Any) -> int:
+def _checked(name: str, value: Any, kind: str, bound: str, parse: Callable[[Any], T],
+             ok: Callable[[T], bool]) -> T:
+    """``parse(value)`` if that works and passes ``ok``, else a ValueError naming the parameter:
+    "``name`` must be ``kind`` ``bound``" (not parseable) or "``name`` must be ``bound``" (out of range)."""
+    try:
+        parsed = parse(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {kind} {bound}, got {value!r}") from None
+    if not ok(parsed):
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return parsed
+
+
+def _integer(value: Any) -> int:
+    """An int, or a float with an integral value, as int (bools and anything else: TypeError)."""
     if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if int(value) < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r}")
+        raise TypeError(f"not an integer: {value!r}")
     return int(value)
 
 
+def _positive_int(name: str, value: Any) -> int:
+    """``value`` as an int >= 1, else a ValueError naming ``name``."""
+    return _checked(name, value, "an integer", ">= 1", _integer, lambda v: v >= 1)
+
+
 def _positive_float(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number > 0, got {value!r}") from None
-    if not v > 0 or v != v or v == float("inf"):
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    return v
+    """``value`` as a finite float > 0, else a ValueError naming ``name``."""
+    return _checked(name, value, "a number", "> 0", float, lambda v: 0.0 < v < math.inf)
