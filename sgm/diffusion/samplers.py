@@ -22,7 +22,7 @@ Crowson's k-diffusion for the ancestral and linear multistep formulations.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch

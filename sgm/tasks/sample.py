@@ -65,6 +65,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("refiner") is not None:
         check_size(cfg.refiner, H, W)
         check_weights(cfg.get("refiner_weights"), "refiner")
+    patches = instantiate(cfg.patches) if cfg.get("patches") else None  # FreeU: the base model only
     image_metrics = instantiate(cfg.metrics) if cfg.get("metrics") is not None else None
     out_dir = run_dir()
     init_image = load_init_image(cfg.init_image, H, W) if cfg.get("init_image") else None
@@ -77,6 +78,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         strengths = list(lora.get("strengths") or [1.0] * len(lora.files))
         load_lora_files(engine, [str(f) for f in lora.files], [float(s) for s in strengths])
+    if patches:
+        from ..networks.patches import apply_patches
+
+        log.info("network patches: %s", apply_patches(engine, patches))
     refiner = None
     if cfg.get("refiner") is not None:
         refiner = build_engine(cfg.refiner, cfg.get("refiner_weights"), seed=int(cfg.seed), what="refiner")
