@@ -70,8 +70,8 @@ def main() -> None:
                 for cache in (False, True):
                     base = ["~logger", "progress=false", f"cpu_threads={opts.threads}", f"data.root={images}",
                             f"data.batch_size={batch}", "validation.sample_every_n_steps=0",
-                            "validation.every_n_steps=0", "checkpoint_every_n_steps=1000", f"model.H={res_px}",
-                            f"model.W={res_px}", f"gradient_checkpointing={str(ckpt).lower()}",
+                            "validation.every_n_steps=0", "checkpoint_every_n_steps=1000", f"H={res_px}",
+                            f"W={res_px}", f"gradient_checkpointing={str(ckpt).lower()}",
                             f"cache_latents={str(cache).lower()}", f"data.cache_dir={tmp / f'cache{res_px}'}"]
                     t_short, _ = run(base + [f"trainer.max_steps={opts.short}", f"hydra.run.dir={tmp}/s"], ROOT)
                     t_long, peak = run(base + [f"trainer.max_steps={opts.long}", f"hydra.run.dir={tmp}/l"], ROOT)

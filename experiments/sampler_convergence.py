@@ -24,7 +24,7 @@ DETERMINISTIC = [EulerEDMSampler, HeunEDMSampler, DPMPP2MSampler, LinearMultiste
 ANCESTRAL = [EulerAncestralSampler, DPMPP2SAncestralSampler]
 SCHEDULES = {
     "EDM paper (0.002..80, rho 7)": EDMDiscretization(0.002, 80.0, 7.0),
-    "SDXL range (0.0292..14.6146, rho 3)": EDMDiscretization(0.0292, 14.6146, 3.0),
+    "SDXL range (0.0292..14.6146, rho 3)": EDMDiscretization(0.0292, 14.6146, 3.0),  # conf/denoiser/discrete_eps.yaml
 }
 
 

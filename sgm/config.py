@@ -54,6 +54,7 @@ SGM_ALIASES: dict[str, str] = {
     "sgm.modules.encoders.modules.FrozenCLIPEmbedder": "sgm.conditioning.FrozenCLIPEmbedder",
     "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2": "sgm.conditioning.FrozenOpenCLIPEmbedder2",
     "sgm.modules.encoders.modules.ConcatTimestepEmbedderND": "sgm.conditioning.ConcatTimestepEmbedderND",
+    "sgm.modules.encoders.modules.AbstractEmbModel": "sgm.conditioning.AbstractEmbModel",
 }
 
 

@@ -23,7 +23,7 @@ from sgm.lora import (
     save_lora,
     unet_diffusers_paths,
 )
-from sgm.tasks.sample import build_engine, engine_node
+from sgm.tasks.common import build_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cube", "a blue sphere"]
@@ -37,7 +37,7 @@ def _compose(config="sample", *overrides):
 
 def _meta_sdxl_base():
     with torch.device("meta"):
-        return instantiate(engine_node(_compose("sample", "model=sdxl_base").model))
+        return instantiate(_compose("sample", "model=sdxl_base").model)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def tiny_cfg():
 @pytest.fixture(scope="module")
 def base(tiny_cfg):
     """The tiny SDXL-family engine with random weights also where the UNet is zero-initialised."""
-    engine = build_engine(tiny_cfg.model, seed=0)
+    engine = build_engine(tiny_cfg.model, tiny_cfg.weights, seed=0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in engine.model.diffusion_model.parameters():

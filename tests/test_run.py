@@ -118,10 +118,10 @@ def test_wildcards_are_seeded_and_missing_files_named(tmp_path):
     "args, message",
     [
         (["prompt_file=/nonexistent/prompts.txt"], "prompt_file"),
-        (["model=tiny", "H=30"], "multiples of 4"),
+        (["model=tiny", "H=36"], "multiples of 8"),
         (["model=tiny", "init_image=/nonexistent.png"], "init_image"),
         (["strength=1.5"], "strength"),
-        (["model=tiny", "model.checkpoint=/nonexistent.safetensors"], "nonexistent.safetensors"),
+        (["model=tiny", "weights.checkpoint=/nonexistent.safetensors"], "nonexistent.safetensors"),
     ],
 )
 def test_bad_input_fails_early_with_a_named_problem(tmp_path, args, message):

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from sgm import asset
 from sgm.metrics.digits import DIGIT_WORDS, DigitMetrics
-from sgm.tasks.sample import build_engine
+from sgm.tasks.common import build_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = Path(asset("digits.safetensors"))
@@ -28,19 +28,20 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def shipped(cfg):
-    return build_engine(cfg.model, seed=0)
+    return build_engine(cfg.model, cfg.weights, seed=0)
 
 
 def _sample(engine, cfg, prompts, seeds):
     sampler = instantiate(cfg.sampler)
     with torch.no_grad():
         c, uc = engine.get_conditionings(prompts, [""] * len(prompts), cfg.H, cfg.W)
-        z = engine.sample_latents(c, uc, seeds, engine.latent_shape(cfg.H, cfg.W), sampler=sampler)
+        sigmas = engine.schedule(instantiate(cfg.discretization), cfg.steps)
+        z = engine.sample_latents(c, uc, seeds, engine.latent_shape(cfg.H, cfg.W), sigmas, sampler)
         return engine.decode_first_stage(z).clamp(-1, 1)
 
 
 def test_shipped_file_is_small_single_file_in_the_original_layout(cfg, shipped):
-    assert cfg.model.checkpoint == str(WEIGHTS) and WEIGHTS.is_file()
+    assert cfg.weights.checkpoint == str(WEIGHTS) and WEIGHTS.is_file()
     assert WEIGHTS.stat().st_size < 20 * 2**20
     with safe_open(str(WEIGHTS), "pt") as f:
         keys = set(f.keys())
@@ -53,7 +54,7 @@ def test_shipped_file_is_small_single_file_in_the_original_layout(cfg, shipped):
     assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
     assert "model.diffusion_model.label_emb.0.0.weight" in keys  # size conditioning (vector input)
     assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in keys
-    assert all(p.dtype == torch.float32 for p in shipped.parameters())  # model.weight_dtype=float32
+    assert all(p.dtype == torch.float32 for p in shipped.parameters())  # weights.dtype=float32
 
 
 def test_default_settings_draw_the_prompted_digits(cfg, shipped):
@@ -62,7 +63,8 @@ def test_default_settings_draw_the_prompted_digits(cfg, shipped):
     images = _sample(shipped, cfg, prompts, list(range(len(prompts))))
     metrics = DigitMetrics()(images, prompts)
     assert metrics["accuracy"] >= 0.95, metrics
-    untrained = build_engine(_compose("model.checkpoint=null").model, seed=0)
+    untrained_cfg = _compose("weights.checkpoint=null", "weights.random=true")
+    untrained = build_engine(untrained_cfg.model, untrained_cfg.weights, seed=0)
     baseline = DigitMetrics()(_sample(untrained, cfg, prompts[::4], list(range(0, len(prompts), 4))), prompts[::4])
     assert metrics["frechet_distance"] < 0.1 * baseline["frechet_distance"], (metrics, baseline)
 

@@ -73,7 +73,7 @@ def test_full_training_lowers_the_validation_loss_and_writes_a_loadable_model(ba
 
 def test_lora_training_logs_to_wandb_and_writes_a_kohya_file(images, base_model, tmp_path):
     out = tmp_path / "run"
-    res = train_py(f"model.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}",
+    res = train_py(f"weights.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}",
                    "trainer.max_steps=30", "optimizer.lr=3e-3", *COMMON, "validation.sample_every_n_steps=15",
                    "validation.steps=3", f"hydra.run.dir={out}")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -94,13 +94,13 @@ def test_lora_training_logs_to_wandb_and_writes_a_kohya_file(images, base_model,
 
 def test_sampling_with_the_trained_lora(images, base_model, tmp_path):
     lora_run = tmp_path / "lora"
-    res = train_py(f"model.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}", "~logger",
+    res = train_py(f"weights.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}", "~logger",
                    "trainer.max_steps=10", "optimizer.lr=1e-2", *COMMON, f"hydra.run.dir={lora_run}")
     assert res.returncode == 0, res.stderr[-3000:]
 
     def sample(name, *extra):
         out = tmp_path / name
-        r = run_py("model=tiny", f"model.checkpoint={base_model / 'model.safetensors'}", "steps=4", "~logger",
+        r = run_py("model=tiny", f"weights.checkpoint={base_model / 'model.safetensors'}", "steps=4", "~logger",
                    "prompt=a red square", *extra, f"hydra.run.dir={out}")
         assert r.returncode == 0, r.stderr[-3000:]
         return torch.tensor(np.asarray(Image.open(out / "00000.png")), dtype=torch.float32)
@@ -113,7 +113,7 @@ def test_sampling_with_the_trained_lora(images, base_model, tmp_path):
 
 
 def test_interrupted_then_resumed_run_ends_with_the_same_weights(images, base_model, tmp_path):
-    args = [f"model.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}", "~logger",
+    args = [f"weights.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}", "~logger",
             "optimizer.lr=3e-3", "lora.dropout=0.1", "data.caption_dropout=0.2", "data.random_crop=true",
             "data.flip=true", "data.val_fraction=0.25", "data.batch_size=2", "validation.sample_every_n_steps=0",
             "validation.every_n_steps=100", "checkpoint_every_n_steps=5"]
@@ -134,7 +134,7 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(images, base_mo
 def test_cached_latents_train_and_text_encoder_lora_is_refused_with_them(images, base_model, tmp_path):
     cache = tmp_path / "cache"
     out = tmp_path / "run"
-    res = train_py(f"model.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}", "~logger",
+    res = train_py(f"weights.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}", "~logger",
                    "cache_latents=true", f"data.cache_dir={cache}", "trainer.max_steps=4", "data.caption_dropout=0.3",
                    "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.5",
                    *COMMON, f"hydra.run.dir={out}")
@@ -155,7 +155,7 @@ def test_bad_training_input_fails_early(tmp_path):
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_gives_one_folder_and_one_wandb_run(images, base_model, tmp_path):
     out = tmp_path / "run"
-    res = train_py("trainer=ddp_cpu", f"model.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}",
+    res = train_py("trainer=ddp_cpu", f"weights.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}",
                    "trainer.max_steps=4", *COMMON, f"hydra.run.dir={out}")
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "lora.safetensors").is_file()
@@ -166,7 +166,7 @@ def test_ddp_on_two_cpu_processes_gives_one_folder_and_one_wandb_run(images, bas
 @pytest.mark.slow
 def test_multirun_gives_one_wandb_run_per_job(images, base_model, tmp_path):
     sweep = tmp_path / "sweep"
-    res = train_py("-m", "optimizer.lr=1e-3,2e-3", f"model.checkpoint={base_model / 'model.safetensors'}",
+    res = train_py("-m", "optimizer.lr=1e-3,2e-3", f"weights.checkpoint={base_model / 'model.safetensors'}",
                    f"data.root={images}", "trainer.max_steps=2", *COMMON, f"hydra.sweep.dir={sweep}")
     assert res.returncode == 0, res.stderr[-3000:]
     runs = sorted(sweep.glob("*/wandb/offline-run-*"))

@@ -7,7 +7,7 @@ Runs ``run.py`` (fresh processes, imports included) with the default settings:
    timed from start to images;
 2. the default settings with ``num_images_per_prompt=N`` (10 x N images): accuracy and
    Fréchet distance to the 500 held-out digits (``conf/metrics/digits.yaml``);
-3. the same with the untrained model (``model.checkpoint=null``: seeded random weights);
+3. the same with the untrained model (``weights.checkpoint=null weights.random=true``: seeded random weights);
 4. the same metrics for as many real training digits (the floor a perfect model reaches).
 """
 
@@ -67,7 +67,7 @@ def main() -> None:
     shipped, _ = run(work / "shipped", "progress=false", f"num_images_per_prompt={n}", "batch_size=100")
     print("shipped", shipped, flush=True)
     untrained, _ = run(work / "untrained", "progress=false", f"num_images_per_prompt={n}", "batch_size=100",
-                       "model.checkpoint=null")
+                       "weights.checkpoint=null", "weights.random=true")
     print("untrained", untrained, flush=True)
     real = real_digits(10 * n)
     print("real", real, flush=True)
@@ -86,7 +86,7 @@ def main() -> None:
             "|---|---|---|---|---|---|",
             row("shipped, `python run.py`", default),
             row(f"shipped, `python run.py num_images_per_prompt={n}`", shipped),
-            row(f"untrained (`model.checkpoint=null`), {n} per digit", untrained),
+            row(f"untrained (`weights.random=true`), {n} per digit", untrained),
             f"| real MNIST digits (train split, random {real['images']}) | {real['images']} | {real['accuracy']:.1%} | "
             f"{real['frechet_distance']:.0f} | | |",
             "",
