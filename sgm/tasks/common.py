@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -119,3 +119,19 @@ def instantiate_callbacks(nodes: Any, **runtime: Any) -> list:
             raise ValueError(f"callbacks.{name} needs {sorted(unknown)}, which this task does not provide")
         callbacks.append(instantiate(node, **{k: runtime[k] for k in wanted}))
     return callbacks
+
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose(config_name: str = "sample", overrides: Sequence[str] = (), hydra: bool = False) -> DictConfig:
+    """The run config ``python run.py|train.py OVERRIDES`` would get (``conf/``), composed in-process.
+
+    ``hydra=True`` keeps the ``hydra`` node (for :func:`use_hydra_config`). Tests, benchmarks
+    and experiments compose through here.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=hydra)
