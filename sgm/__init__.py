@@ -19,6 +19,10 @@ def _register_resolvers() -> None:
         return
     if not OmegaConf.has_resolver("sgm.asset"):
         OmegaConf.register_new_resolver("sgm.asset", asset)
+    if not OmegaConf.has_resolver("sgm.run_dir"):
+        from .tasks.run_folder import run_dir
+
+        OmegaConf.register_new_resolver("sgm.run_dir", run_dir, use_cache=True)
 
 
 _register_resolvers()

@@ -95,6 +95,14 @@ def run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def check_logger(cfg: DictConfig) -> None:
+    """A bad W&B mode (``logger.mode`` or ``WANDB_MODE``) fails before any model is built."""
+    if cfg.get("logger") is not None and "mode" in cfg.logger:
+        from .wandb_logger import wandb_mode
+
+        wandb_mode(str(cfg.logger.mode))
+
+
 def make_logger(cfg: DictConfig, out_dir: Path) -> Any:
     if cfg.get("logger") is None:
         return None

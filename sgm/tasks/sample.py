@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..diffusion._checks import check_int
 from ..data.prompts import PromptDataModule, make_jobs, read_prompt_file
-from .common import (apply_runtime_settings, build_engine, check_size, check_weights, instantiate_callbacks,
+from .common import (apply_runtime_settings, build_engine, check_logger, check_size, check_weights, instantiate_callbacks,
                      make_logger, provenance, run_dir)
 from .wandb_logger import finish_wandb
 
@@ -57,6 +57,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     H, W = check_size(cfg.model, cfg.H, cfg.W)
     check_int("steps", cfg.steps)
     check_weights(cfg.get("weights"))
+    check_logger(cfg)
     sampler = instantiate(cfg.sampler)
     discretization = instantiate(cfg.discretization)
     for f in (cfg.get("lora") or {}).get("files") or []:

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..engine import DiffusionEngine
-from .common import (apply_runtime_settings, build_engine, check_size, check_weights, instantiate_callbacks,
+from .common import (apply_runtime_settings, build_engine, check_logger, check_size, check_weights, instantiate_callbacks,
                      make_logger, run_dir)
 from .wandb_logger import finish_wandb
 
@@ -82,6 +82,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured engine on the configured data; return the final metrics."""
     check_size(cfg.model, cfg.H, cfg.W)
     check_weights(cfg.get("weights"))
+    check_logger(cfg)
     apply_runtime_settings(cfg)
     out_dir = run_dir()
     resume = find_resume(cfg.get("resume"), out_dir)

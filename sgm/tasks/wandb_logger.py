@@ -1,11 +1,18 @@
-"""A W&B logger that never blocks or fails a run: offline without credentials."""
+"""A W&B logger that never blocks or fails a run: offline without credentials or without a
+reachable server (a cluster node with a ``~/.netrc`` but no internet), `wandb sync` later."""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+#: what WANDB_MODE / logger.mode may be (wandb's own modes, plus our ``auto``)
+MODES = ("auto", "online", "offline", "disabled", "dryrun", "run", "shared")
+PROBE_SECONDS = 3.0
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +27,29 @@ def has_wandb_credentials() -> bool:
         return False
 
 
+def wandb_mode(mode: str = "auto") -> str:
+    """The mode a run asks for: ``WANDB_MODE`` wins over ``logger.mode``; a ValueError names a bad one."""
+    env = os.environ.get("WANDB_MODE")
+    chosen, source = (env, "WANDB_MODE") if env else (mode, "logger.mode")
+    if chosen not in MODES:
+        raise ValueError(f"{source}={chosen!r} is not a W&B mode: use one of {', '.join(MODES)} "
+                         "(or ~logger for no W&B run)")
+    if chosen == "auto":
+        return "online" if has_wandb_credentials() else "offline"
+    return {"dryrun": "offline", "run": "online"}.get(chosen, chosen)
+
+
+def server_reachable(timeout: float = PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to the W&B server (``WANDB_BASE_URL``) opens within ``timeout``."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "api.wandb.ai", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def make_wandb_logger(project: str = "sgm", save_dir: str = ".", mode: str = "auto", name: str | None = None,
                       group: str | None = None, job_type: str | None = None, tags: list[str] | None = None,
                       run_config: dict | None = None) -> Any:
@@ -27,10 +57,13 @@ def make_wandb_logger(project: str = "sgm", save_dir: str = ".", mode: str = "au
 
     Returns None (with a warning) if wandb cannot start: logging must not cost the run.
     """
-    if mode == "auto":
-        mode = os.environ.get("WANDB_MODE") or ("online" if has_wandb_credentials() else "offline")
+    mode = wandb_mode(mode)
     if mode == "disabled":
         return None
+    if mode in ("online", "shared") and not server_reachable():
+        log.warning("the W&B server (%s) is not reachable: logging offline to %s; `wandb sync` it later",
+                    os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai", save_dir)
+        mode = "offline"
     try:
         from lightning.pytorch.loggers import WandbLogger
 
@@ -39,7 +72,7 @@ def make_wandb_logger(project: str = "sgm", save_dir: str = ".", mode: str = "au
 
         return WandbLogger(project=project, save_dir=save_dir, offline=(mode == "offline"), name=name, group=group,
                            job_type=job_type, tags=tags, config=run_config,
-                           settings=wandb.Settings(init_timeout=60, silent=True))
+                           settings=wandb.Settings(init_timeout=30, silent=True))
     except Exception as exc:  # noqa: BLE001
         log.warning("W&B logger unavailable (%s); continuing without it", exc)
         return None
