@@ -8,6 +8,8 @@ from functools import partial
 
 import pytest
 import torch
+
+from sgm.diffusion.schedule import initial_latent, sampling_sigmas
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -276,8 +278,10 @@ def test_pag_config_reaches_the_sampler(nets):
         calls.append((x.shape[0], "transformer_options" in c))
         return denoiser(wrapper, x, s, c)
 
+    sigmas = sampling_sigmas(instantiate(cfg.discretization), cfg.steps, denoiser)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out = sampler(denoise, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), cond, uc)
+        out = sampler.sample(denoise, initial_latent(noise, sigmas[0]), sigmas, cond, uc)
     assert torch.isfinite(out).all()
     assert calls == [(4, False), (2, True)] * 2  # both steps evaluate the perturbed branch
 
