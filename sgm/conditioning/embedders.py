@@ -80,11 +80,6 @@ class AbstractEmbModel(nn.Module):
     def materialize_buffers(self) -> None:
         """Recompute derived buffers that are still on the meta device (after ``load_state_dict(assign=True)``)."""
 
-    def _weight_device(self) -> torch.device:
-        for p in self.parameters():
-            return p.device
-        return torch.device("cpu")
-
 
 def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
     module.materialize_buffers()
