@@ -4,6 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 import sgm  # noqa: F401 - registers the ${sgm.asset:NAME} resolver before Hydra resolves
+from sgm.tasks.cli import check_command_line
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
@@ -14,4 +15,5 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
+    check_command_line()  # a named hint where Hydra would stop with a lexer trace or a missing plugin
     main()

@@ -14,23 +14,51 @@ from torch.utils.data import DataLoader, Dataset
 WILDCARD = re.compile(r"__([A-Za-z0-9_\-/]+)__")
 
 
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file (a leading BOM dropped); a file in another encoding is an error naming
+    ``what``, the file and the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{what} {str(path)!r} is not UTF-8 text: byte {exc.start} (line {line}, "
+                         f"0x{data[exc.start]:02x}) cannot be decoded ({exc.reason}); save the file as UTF-8") from None
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def read_prompt_file(path: str | Path) -> list[str]:
-    """One prompt per non-empty line."""
+    """One prompt per non-empty line of a UTF-8 text file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt_file {str(path)!r} does not exist")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = _lines(read_text(path, "prompt_file"))
     if not prompts:
         raise ValueError(f"prompt_file {str(path)!r} has no prompts (one per line)")
     return prompts
 
 
+def wildcard_file(name: str, directory: str | Path) -> Path:
+    """The file of wildcard ``__name__``: ``directory/name.txt``, which must lie inside ``directory``
+    once symlinks are followed (an absolute name, or a link out of the folder, is an error)."""
+    directory = Path(directory)
+    path = directory / f"{name}.txt"
+    real = path.resolve()
+    if not real.is_relative_to(directory.resolve()):
+        raise ValueError(f"wildcard __{name}__ leads outside wildcards_dir {str(directory)!r} (to {str(real)!r}); "
+                         "only files inside it are read: put the file there and write its name relative to it")
+    if not path.is_file():
+        raise FileNotFoundError(f"wildcard __{name}__ needs the file {path} (one option per line)")
+    return path
+
+
 def _wildcard_lines(name: str, directory: Path, cache: dict[str, list[str]]) -> list[str]:
     if name not in cache:
-        path = directory / f"{name}.txt"
-        if not path.is_file():
-            raise FileNotFoundError(f"wildcard __{name}__ needs the file {path} (one option per line)")
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+        path = wildcard_file(name, directory)
+        lines = [ln for ln in _lines(read_text(path, f"wildcard file of __{name}__")) if not ln.startswith("#")]
         if not lines:
             raise ValueError(f"wildcard file {path} has no options")
         cache[name] = lines

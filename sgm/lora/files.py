@@ -12,6 +12,11 @@ encoders; diffusers/PEFT files (``unet.<diffusers path>.lora_A.weight`` / ``lora
 spellings), alpha from ``.alpha`` tensors, the ``lora_adapter_metadata`` diffusers writes,
 or = rank. Every key must name a layer of this model with matching shapes, else one
 error lists the offenders (and what the file looks like) before any weight changes.
+
+Checked without the model: :func:`check_lora_file` reads a file's safetensors header only
+(no tensor data) and refuses what cannot be a LoRA file of a known naming, so run.py
+fails on it before any weight is read; :func:`parse_lora_key` is the one reading of the
+tensor names, shared with :func:`resolve_lora`.
 """
 
 from __future__ import annotations
@@ -133,14 +138,72 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except Exception as exc:  # noqa: BLE001 - a corrupt header surfaces as several error types
             raise LoRAFileError(f"{path} is not a readable safetensors file: {exc}") from exc
+    return _torch_state_dict(path), {}
+
+
+def _torch_state_dict(path: Path, what: str = "LoRA file", mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a torch.save file, read with ``weights_only=True``; ``mmap``: mapped, not read
+    (where the format allows it: the legacy non-zip format is read)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise LoRAFileError(f"{path} could not be read with torch.load(weights_only=True): {exc}") from exc
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means: refuse
+        raise LoRAFileError(f"{what} {str(path)!r} could not be read with torch.load(weights_only=True) "
+                            f"({type(exc).__name__}: {exc}); LoRA files are .safetensors or torch.save files") from exc
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict):
-        raise LoRAFileError(f"{path} holds no state dict")
-    return {k: v for k, v in sd.items() if torch.is_tensor(v)}, {}
+        raise LoRAFileError(f"{what} {str(path)!r} holds no state dict")
+    return {k: v for k, v in sd.items() if torch.is_tensor(v)}
+
+
+@dataclass(frozen=True)
+class LoRAKey:
+    """What one tensor name of a LoRA file says, before it is matched to a model's layers.
+
+    ``naming``: ``kohya`` (``module`` is the kohya module name, sgm or diffusers spelling) or
+    ``peft`` (``module`` is the module path inside ``comp``: unet / text_encoder /
+    text_encoder_2). ``part``: down / up / alpha, or None for a tensor of another adapter
+    kind (``unsupported`` says which)."""
+
+    naming: str
+    module: str
+    part: str | None
+    comp: str | None = None
+    unsupported: str | None = None
+
+
+_KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+
+
+def parse_lora_key(key: str) -> LoRAKey | None:
+    """The LoRA meaning of a tensor name (kohya or diffusers/PEFT spellings), or None when it has none."""
+    if key.startswith(KOHYA_PREFIXES):
+        module, _, suffix = key.partition(".")
+        part = _KOHYA_PARTS.get(suffix)
+        if part is None:
+            kind = next((v for s, v in _NOT_PLAIN_LORA.items() if suffix.startswith(s)), "unknown")
+            return LoRAKey("kohya", module, None, unsupported=kind)
+        return LoRAKey("kohya", module, part)
+    m = _PEFT_PROC.match(key)
+    if m:
+        comp, proj = m["comp"], m["proj"]
+        if comp == "unet":
+            path = f"{m['path']}.{proj}" + (".0" if proj == "to_out" else "")
+        else:
+            path = f"{m['path']}.{_TE_PROJ[proj]}"
+        return LoRAKey("peft", path, m["ud"], comp)
+    m = _PEFT_AB.match(key) or _PEFT_OLD.match(key)
+    if m:
+        part = ("down" if m["ab"] == "A" else "up") if "ab" in m.groupdict() else m["ud"]
+        return LoRAKey("peft", m["path"], part, m["comp"])
+    m = _PEFT_ALPHA.match(key)
+    if m:
+        return LoRAKey("peft", m["path"].removesuffix(".processor"), "alpha", m["comp"])
+    return None
 
 
 @dataclass
@@ -227,6 +290,12 @@ def _shortlist(items: Sequence[str], n: int = 6) -> str:
     return ", ".join(items[:n]) + more
 
 
+def _unsupported_message(source: str, unsupported: dict[str, str]) -> str:
+    kinds = sorted(set(unsupported.values()))
+    return (f"{source}: not a plain LoRA file ({', '.join(kinds)} tensors such as "
+            f"{_shortlist(list(unsupported), 3)}); only lora_down/lora_up/alpha LoRA is supported")
+
+
 def resolve_lora(engine: nn.Module, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
                  source: str = "LoRA state dict") -> list[LoRAWeights]:
     """Map a LoRA state dict in any supported naming onto this engine's layers, validating keys and shapes."""
@@ -249,51 +318,25 @@ def resolve_lora(engine: nn.Module, state_dict: dict[str, torch.Tensor], metadat
         entry[kind] = value
         entry["keys"].append(key)
 
-    def te_target(group: str, path: str) -> Target | None:
-        path = path.removeprefix("text_model.")
-        return targets.get(kohya_name(group, path))
+    def target_of(parsed: LoRAKey) -> Target | None:
+        if parsed.naming == "kohya":
+            return targets.get(parsed.module) or kohya_diffusers.get(parsed.module)
+        group = _GROUP_OF_COMP[parsed.comp]
+        if group == "unet":
+            return by_diffusers.get(parsed.module) or by_sgm_path.get(parsed.module)
+        return targets.get(kohya_name(group, parsed.module.removeprefix("text_model.")))
 
     for key, value in state_dict.items():
-        if key.startswith(KOHYA_PREFIXES):
-            module, _, suffix = key.partition(".")
-            kind = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(suffix)
-            if kind is None:
-                unsupported[key] = next((v for s, v in _NOT_PLAIN_LORA.items() if suffix.startswith(s)), "unknown")
-                continue
-            put(targets.get(module) or kohya_diffusers.get(module), kind, key, value)
-            continue
-        m = _PEFT_PROC.match(key)
-        if m:
-            comp, proj = m["comp"], m["proj"]
-            group = _GROUP_OF_COMP[comp]
-            if group == "unet":
-                path = f"{m['path']}.{proj}" + (".0" if proj == "to_out" else "")
-                target = by_diffusers.get(path)
-            else:
-                target = te_target(group, f"{m['path']}.{_TE_PROJ[proj]}")
-            put(target, m["ud"], key, value, comp)
-            continue
-        m = _PEFT_AB.match(key) or _PEFT_OLD.match(key)
-        if m:
-            group = _GROUP_OF_COMP[m["comp"]]
-            path = m["path"]
-            target = (by_diffusers.get(path) or by_sgm_path.get(path)) if group == "unet" else te_target(group, path)
-            kind = ("down" if m["ab"] == "A" else "up") if "ab" in m.groupdict() else m["ud"]
-            put(target, kind, key, value, m["comp"])
-            continue
-        m = _PEFT_ALPHA.match(key)
-        if m:
-            group = _GROUP_OF_COMP[m["comp"]]
-            path = m["path"].removesuffix(".processor")
-            target = (by_diffusers.get(path) or by_sgm_path.get(path)) if group == "unet" else te_target(group, path)
-            put(target, "alpha", key, value, m["comp"])
-            continue
-        unknown.append(key)
+        parsed = parse_lora_key(key)
+        if parsed is None:
+            unknown.append(key)
+        elif parsed.part is None:
+            unsupported[key] = parsed.unsupported or "unknown"
+        else:
+            put(target_of(parsed), parsed.part, key, value, parsed.comp)
 
     if unsupported:
-        kinds = sorted(set(unsupported.values()))
-        raise LoRAFileError(f"{source}: not a plain LoRA file ({', '.join(kinds)} tensors such as "
-                            f"{_shortlist(list(unsupported), 3)}); only lora_down/lora_up/alpha LoRA is supported")
+        raise LoRAFileError(_unsupported_message(source, unsupported))
     if unknown:
         n_mod = len({k.split('.')[0] if k.startswith(KOHYA_PREFIXES) else k for k in unknown})
         raise LoRAFileError(
@@ -330,6 +373,101 @@ def resolve_lora(engine: nn.Module, state_dict: dict[str, torch.Tensor], metadat
                             + "\n  ".join(bad[:8]) + (f"\n  ... and {len(bad) - 8} more" if len(bad) > 8 else "")
                             + f"\nThe file looks like {guess_kind(list(state_dict), metadata)}. Nothing was merged.")
     return out
+
+
+# ---------------------------------------------------------------------------- header-only check
+
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+
+
+def read_safetensors_header(path: str | os.PathLike, what: str = "LoRA file"
+                            ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """(tensor entries, metadata) of a safetensors file from its JSON header alone; no tensor data is read.
+
+    Raises :class:`LoRAFileError` naming ``what`` and the file when it is not a safetensors file
+    (a header length that does not fit the file, a header that is not JSON, entries whose data
+    lies outside the file)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
+            raise LoRAFileError(f"{what} {str(path)!r} is not a safetensors file: its first 8 bytes do not give "
+                                f"a header length that fits the file ({size} bytes); another format renamed?")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError both are ValueErrors
+        raise LoRAFileError(f"{what} {str(path)!r} is not a safetensors file: its header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise LoRAFileError(f"{what} {str(path)!r} is not a safetensors file: its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_bytes = size - 8 - n
+    for key, info in header.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+            raise LoRAFileError(f"{what} {str(path)!r}: the header's entry for tensor {key!r} points outside the "
+                                f"file's {data_bytes} data bytes (a truncated or damaged file?)")
+    return header, {str(k): str(v) for k, v in metadata.items()}
+
+
+def lora_naming(keys: Sequence[str]) -> str:
+    """The naming of a LoRA file's tensors: kohya with sgm or diffusers module names, PEFT, or a mix."""
+    parsed = [p for p in map(parse_lora_key, keys) if p is not None and p.part is not None]
+    kinds = set()
+    for p in parsed:
+        if p.naming == "peft":
+            kinds.add("PEFT/diffusers")
+        elif p.module.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")):
+            kinds.add("kohya (sgm names)")
+        elif p.module.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")):
+            kinds.add("kohya (diffusers names)")
+        else:
+            kinds.add("kohya (text encoders)")
+    if len(kinds) > 1:  # text-encoder modules are named alike in both kohya spellings
+        kinds.discard("kohya (text encoders)")
+    return " + ".join(sorted(kinds))
+
+
+def check_lora_file(path: str | os.PathLike, what: str = "LoRA file") -> str:
+    """Check a LoRA file without reading its weights; return its naming (:func:`lora_naming`).
+
+    The file must exist and be readable, be a safetensors file (header only) or a torch.save
+    file, and every tensor must be a plain LoRA tensor (``lora_down``/``lora_up``/``alpha``, or
+    PEFT ``lora_A``/``lora_B``) of a known naming. Whether its modules exist in the model is
+    :func:`resolve_lora`'s check, once the model is built. Errors name ``what`` and the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise LoRAFileError(f"{what} {str(path)!r} is a directory, not a LoRA file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            header, metadata = read_safetensors_header(path, what)
+            keys = list(header)
+        else:
+            keys, metadata = list(_torch_state_dict(path, what, mmap=True)), {}
+    except OSError as exc:
+        raise LoRAFileError(f"{what} {str(path)!r} cannot be read: {exc.strerror or exc}") from exc
+    if not keys:
+        raise LoRAFileError(f"{what} {str(path)!r} holds no tensors")
+    parsed = {k: parse_lora_key(k) for k in keys}
+    unsupported = {k: p.unsupported or "unknown" for k, p in parsed.items() if p is not None and p.part is None}
+    if unsupported:
+        raise LoRAFileError(_unsupported_message(f"{what} {str(path)!r}", unsupported))
+    unknown = [k for k, p in parsed.items() if p is None]
+    if len(unknown) == len(keys):
+        raise LoRAFileError(
+            f"{what} {str(path)!r} is not a LoRA file: none of its {len(keys)} tensors has a kohya LoRA name "
+            f"(lora_unet_* / lora_te1_* / lora_te2_* with .lora_down.weight, .lora_up.weight, .alpha) or a PEFT one "
+            f"(unet.* / text_encoder.* with .lora_A.weight, .lora_B.weight), e.g. {_shortlist(unknown, 3)}. "
+            f"A model checkpoint belongs in weights.checkpoint.")
+    if unknown:
+        raise LoRAFileError(f"{what} {str(path)!r}: {len(unknown)} of its tensors are not LoRA tensors of a known "
+                            f"naming, e.g. {_shortlist(unknown, 3)}; the file looks like {guess_kind(keys, metadata)}")
+    return lora_naming(keys)
 
 
 # ---------------------------------------------------------------------------- merging

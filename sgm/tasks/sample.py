@@ -1,25 +1,34 @@
-"""The code behind run.py: check the config, build the engine (and refiner), Trainer.predict over the prompts."""
+"""The code behind run.py: :func:`validate` the config, build the engine (and refiner), predict over the prompts.
+
+:func:`validate` makes every check that needs no model weights (parameters, prompts,
+wildcards, the init image, LoRA file headers, checkpoint paths) before :func:`run` builds
+anything: a bad input fails before the first weight is read, with a message that names it.
+"""
 
 from __future__ import annotations
 
 import logging
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from PIL import Image
 
-from ..diffusion._checks import check_int
-from ..data.prompts import PromptDataModule, make_jobs, read_prompt_file
+from ..data.prompts import PromptDataModule, PromptJob, make_jobs, read_prompt_file
+from ..data.reading import ImageReadError, image_to_tensor, read_image
+from ..diffusion._checks import check_finite, check_int
+from ..diffusion.schedule import img2img_start, split_index
 from .common import (apply_runtime_settings, build_engine, check_logger, check_size, check_weights, instantiate_callbacks,
                      make_logger, provenance, run_dir)
 from .wandb_logger import finish_wandb
 
 log = logging.getLogger(__name__)
+
+MAX_SEED = 2**63 - 1  # torch generators take 64 bits; image k's noise uses seed + k (+ 1, + 2)
 
 
 def load_prompts(cfg: DictConfig) -> list[str]:
@@ -35,72 +44,159 @@ def load_prompts(cfg: DictConfig) -> list[str]:
 
 
 def load_init_image(path: str | Path, height: int, width: int) -> torch.Tensor:
-    """An image file as a [1, 3, H, W] tensor in [-1, 1], resized to the output size."""
-    path = Path(path)
+    """``init_image`` as a [1, 3, H, W] tensor in [-1, 1]: the project's image reader
+    (:func:`sgm.data.reading.read_image`: 16-bit, float, palette, alpha, CMYK, EXIF orientation),
+    resized to the output size. An image over Pillow's decompression-bomb limit is refused."""
+    path = Path(str(path))
+    if path.is_dir():
+        raise IsADirectoryError(f"init_image {str(path)!r} is a directory, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"init_image {str(path)!r} does not exist")
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
-    except OSError as exc:
-        raise ValueError(f"init_image {str(path)!r} is not a readable image: {exc}") from exc
-    x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
-    return x[None]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = read_image(path, at_least=(height, width))
+    except ImageReadError as exc:
+        if isinstance(exc.__cause__, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            raise ValueError(f"init_image {str(path)!r} is too large to decode safely ({exc.__cause__}): "
+                             f"downscale it first (it is resized to {width}x{height} anyway)") from exc
+        raise ValueError(f"init_image {str(path)!r} is not a readable image ({exc.reason})") from exc
+    return image_to_tensor(im.resize((width, height), Image.Resampling.LANCZOS))[None]
+
+
+def check_seed(value: Any) -> int:
+    """``seed`` as an int in [0, 2**63 - 1]."""
+    seed = check_int("seed", value, minimum=0)
+    if seed > MAX_SEED:
+        raise ValueError(f"seed must be at most 2**63 - 1, got {value!r}")
+    return seed
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A list-valued parameter given as a list, a single value, or null/empty."""
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+
+
+def check_lora(node: Any) -> tuple[list[str], list[float]]:
+    """``lora.files`` and ``lora.strengths`` (one finite number per file, or none: 1.0 each); every
+    file's header is checked (:func:`sgm.lora.files.check_lora_file`), no weight is read."""
+    from ..lora.files import check_lora_file
+
+    node = node or {}
+    files = [str(f) for f in _as_list(node.get("files"))]
+    strengths = _as_list(node.get("strengths"))
+    if strengths and len(strengths) != len(files):
+        raise ValueError(f"lora.strengths has {len(strengths)} value(s) for {len(files)} lora.files: give one strength "
+                         "per file, in the same order, or none (1.0 each)")
+    strengths = [check_finite(f"lora.strengths[{i}]", s) for i, s in enumerate(strengths)] or [1.0] * len(files)
+    for i, f in enumerate(files):
+        log.info("lora.files[%d] %s: %s", i, f, check_lora_file(f, what=f"lora.files[{i}]"))
+    return files, strengths
+
+
+@dataclass
+class SamplePlan:
+    """What :func:`validate` checked and :func:`run` uses: all of it known before any weight is read."""
+
+    jobs: list[PromptJob]
+    H: int
+    W: int
+    seed: int
+    steps: int
+    batch_size: int
+    strength: float
+    img2img_schedule: str
+    refiner_switch: float
+    aesthetic_scores: tuple[float, float]
+    sampler: Any
+    discretization: Any
+    lora_files: list[str]
+    lora_strengths: list[float]
+    init_image: torch.Tensor | None
+    patches: Any
+    image_metrics: Any
+    out_dir: Path
+
+
+def validate(cfg: DictConfig) -> SamplePlan:
+    """Every check of a sampling run that needs no model weights, each error naming the parameter or file.
+
+    Numbers first (``seed``, ``steps``, ``batch_size``, ``num_images_per_prompt``,
+    ``grid_columns``, ``H``/``W``, ``strength`` with ``img2img_schedule``, ``refiner_switch``
+    (its range with a refiner), the aesthetic scores), then prompts and wildcards, checkpoint
+    paths, the logger, LoRA file headers and the init image; last the objects that are cheap
+    to make (sampler, schedule, patches, the digit metrics, which read their small classifier)."""
+    seed = check_seed(cfg.seed)
+    steps = check_int("steps", cfg.steps)
+    batch_size = check_int("batch_size", cfg.batch_size)
+    per_prompt = check_int("num_images_per_prompt", cfg.num_images_per_prompt)
+    check_int("grid_columns", cfg.grid_columns)
+    H, W = check_size(cfg.model, cfg.H, cfg.W)
+    strength = check_finite("strength", cfg.strength)
+    schedule = str(cfg.img2img_schedule)
+    start = img2img_start(steps, strength, schedule)
+    if strength < 1 and not cfg.get("init_image"):
+        raise ValueError(f"strength={strength:g} needs init_image=PATH: strength is the share of the schedule img2img "
+                         "runs from that image; without one the run is text-to-image (strength=1)")
+    refiner_switch = check_finite("refiner_switch", cfg.refiner_switch)
+    aesthetic_scores = (check_finite("aesthetic_score", cfg.aesthetic_score),
+                        check_finite("negative_aesthetic_score", cfg.negative_aesthetic_score))
+    if cfg.get("refiner") is not None:
+        end = split_index(steps, refiner_switch)
+        if not start < end < steps:
+            after = f" (img2img starts at step {start})" if start else ""
+            raise ValueError(f"refiner_switch={refiner_switch:g} hands over at step {end} of {steps}{after}, so the "
+                             f"{'refiner' if end >= steps else 'base'} would run no step: choose a refiner_switch "
+                             "that leaves both at least one step")
+        check_size(cfg.refiner, H, W)
+        check_weights(cfg.get("refiner_weights"), "refiner")
+    jobs = make_jobs(load_prompts(cfg), str(cfg.negative_prompt or ""), seed, per_prompt, cfg.get("wildcards_dir"))
+    check_weights(cfg.get("weights"))
+    check_logger(cfg)
+    lora_files, lora_strengths = check_lora(cfg.get("lora"))
+    init_image = load_init_image(cfg.init_image, H, W) if cfg.get("init_image") else None
+    return SamplePlan(
+        jobs=jobs, H=H, W=W, seed=seed, steps=steps, batch_size=batch_size, strength=strength,
+        img2img_schedule=schedule, refiner_switch=refiner_switch, aesthetic_scores=aesthetic_scores,
+        sampler=instantiate(cfg.sampler), discretization=instantiate(cfg.discretization),
+        lora_files=lora_files, lora_strengths=lora_strengths, init_image=init_image,
+        patches=instantiate(cfg.patches) if cfg.get("patches") else None,  # FreeU: the base model only
+        image_metrics=instantiate(cfg.metrics) if cfg.get("metrics") is not None else None, out_dir=run_dir())
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Sample every prompt with the configured model and sampler; return the metrics."""
-    # validate everything cheap before building anything
-    prompts = load_prompts(cfg)
-    jobs = make_jobs(prompts, str(cfg.negative_prompt or ""), int(cfg.seed), int(cfg.num_images_per_prompt),
-                     cfg.get("wildcards_dir"))
-    H, W = check_size(cfg.model, cfg.H, cfg.W)
-    check_int("steps", cfg.steps)
-    check_weights(cfg.get("weights"))
-    check_logger(cfg)
-    sampler = instantiate(cfg.sampler)
-    discretization = instantiate(cfg.discretization)
-    for f in (cfg.get("lora") or {}).get("files") or []:
-        if not Path(f).is_file():
-            raise FileNotFoundError(f"lora file {str(f)!r} does not exist")
-    if cfg.get("refiner") is not None:
-        check_size(cfg.refiner, H, W)
-        check_weights(cfg.get("refiner_weights"), "refiner")
-    patches = instantiate(cfg.patches) if cfg.get("patches") else None  # FreeU: the base model only
-    image_metrics = instantiate(cfg.metrics) if cfg.get("metrics") is not None else None
-    out_dir = run_dir()
-    init_image = load_init_image(cfg.init_image, H, W) if cfg.get("init_image") else None
-
+    plan = validate(cfg)
     apply_runtime_settings(cfg)
-    engine = build_engine(cfg.model, cfg.get("weights"), seed=int(cfg.seed))
-    lora = cfg.get("lora") or {}
-    if lora.get("files"):
+    engine = build_engine(cfg.model, cfg.get("weights"), seed=plan.seed)
+    if plan.lora_files:
         from ..lora import load_lora_files
 
-        strengths = list(lora.get("strengths") or [1.0] * len(lora.files))
-        load_lora_files(engine, [str(f) for f in lora.files], [float(s) for s in strengths])
-    if patches:
+        load_lora_files(engine, plan.lora_files, plan.lora_strengths)
+    if plan.patches:
         from ..networks.patches import apply_patches
 
-        log.info("network patches: %s", apply_patches(engine, patches))
+        log.info("network patches: %s", apply_patches(engine, plan.patches))
     refiner = None
     if cfg.get("refiner") is not None:
-        refiner = build_engine(cfg.refiner, cfg.get("refiner_weights"), seed=int(cfg.seed), what="refiner")
-    engine.configure_prediction(H, W, engine.schedule(discretization, int(cfg.steps)), sampler,
-                                strength=float(cfg.strength), img2img_schedule=str(cfg.img2img_schedule),
-                                refiner=refiner, refiner_switch=float(cfg.refiner_switch),
-                                aesthetic_score=float(cfg.aesthetic_score),
-                                negative_aesthetic_score=float(cfg.negative_aesthetic_score))
-    if init_image is not None:
-        engine.set_init_image(init_image)
-    log.info("sampler: %r, schedule: %r, %d steps", sampler, discretization, int(cfg.steps))
+        refiner = build_engine(cfg.refiner, cfg.get("refiner_weights"), seed=plan.seed, what="refiner")
+    engine.configure_prediction(plan.H, plan.W, engine.schedule(plan.discretization, plan.steps), plan.sampler,
+                                strength=plan.strength, img2img_schedule=plan.img2img_schedule,
+                                refiner=refiner, refiner_switch=plan.refiner_switch,
+                                aesthetic_score=plan.aesthetic_scores[0],
+                                negative_aesthetic_score=plan.aesthetic_scores[1])
+    if plan.init_image is not None:
+        engine.set_init_image(plan.init_image)
+    log.info("sampler: %r, schedule: %r, %d steps", plan.sampler, plan.discretization, plan.steps)
 
     callbacks = instantiate_callbacks(
-        cfg.get("callbacks"), total_images=len(jobs), provenance=provenance(cfg), image_metrics=image_metrics,
-        extra_metrics={"steps": int(cfg.steps), "sampler": type(sampler).__name__, "seed": int(cfg.seed),
-                       "H": H, "W": W})
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_logger(cfg, out_dir) or False)
-    trainer.predict(engine, datamodule=PromptDataModule(jobs, int(cfg.batch_size)), return_predictions=False)
+        cfg.get("callbacks"), total_images=len(plan.jobs), provenance=provenance(cfg), image_metrics=plan.image_metrics,
+        extra_metrics={"steps": plan.steps, "sampler": type(plan.sampler).__name__, "seed": plan.seed,
+                       "H": plan.H, "W": plan.W})
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_logger(cfg, plan.out_dir) or False)
+    trainer.predict(engine, datamodule=PromptDataModule(plan.jobs, plan.batch_size), return_predictions=False)
     finish_wandb(trainer)
     writer = next((cb for cb in callbacks if hasattr(cb, "metrics")), None)
     return writer.metrics if writer is not None else {}
