@@ -24,9 +24,12 @@ from torch.utils.data.distributed import DistributedSampler
 log = logging.getLogger(__name__)
 
 
-def make_buckets(resolution: tuple[int, int], step: int = 64, max_aspect: float = 2.0,
+def make_buckets(resolution: tuple[int, int], step: int, max_aspect: float = 2.0,
                  min_size: int | None = None, max_size: int | None = None) -> list[tuple[int, int]]:
     """Bucket sizes (h, w) for a training ``resolution`` (h, w), sorted by aspect ratio h / w.
+
+    ``step`` is the model's size multiple (:mod:`sgm.networks.sizes`: VAE x UNet downsampling)
+    or a multiple of it; the data module passes it (``bucket_step``, default the multiple).
 
     For each height h (a multiple of ``step``) the widest width w (a multiple of ``step``)
     with h * w <= the resolution's area, ``w <= max_size`` and an aspect ratio within

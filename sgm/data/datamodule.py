@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..diffusion._checks import check_int
+from ..networks.sizes import check_pixel_size
 from . import cache as _cache
 from .buckets import BucketBatchSampler, assign_bucket, dist_rank_world, make_buckets
 from .dataset import ImageDataset, collate
@@ -28,6 +30,17 @@ def _hw(resolution: int | Sequence[int]) -> tuple[int, int]:
         return int(resolution), int(resolution)
     h, w = (int(v) for v in resolution)
     return h, w
+
+
+def _bucket_step(bucket_step: int | None, size_multiple: int) -> int:
+    """The bucket step: ``size_multiple`` (the model's) by default, else a multiple of it (one size rule)."""
+    if bucket_step is None:
+        return size_multiple
+    step = check_int("bucket_step", bucket_step)
+    if step % size_multiple:
+        raise ValueError(f"bucket_step {step} must be a multiple of {size_multiple}, the model's size multiple "
+                         f"(VAE x UNet downsampling): try {-(-step // size_multiple) * size_multiple} or null")
+    return step
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -51,6 +64,12 @@ class ImageFolderDataModule(L.LightningDataModule):
     The target is ``resolution`` (int or [h, w]) or, with ``buckets``, the aspect-ratio
     bucket (multiples of ``bucket_step``, area <= resolution's, aspect <= ``max_aspect``,
     sides within [``min_bucket_size``, ``max_bucket_size``]) closest to the image's aspect.
+    ``size_multiple`` is the model's size multiple (VAE x UNet downsampling,
+    :func:`sgm.networks.sizes.config_pixel_multiple`; train.py passes it): ``resolution`` must
+    be a multiple of it, and so must ``bucket_step``, which defaults to it.
+
+    Errors name the parameter (``batch_size must be ...``, ``root '/x' does not exist``), so
+    that a task can prefix its config node (``data.``).
 
     Randomness (crop, flip, ``caption_dropout``, shuffling) depends on (``seed``, epoch,
     item) only. The held-out set is ``val_root``, or the ``val_fraction`` of images with the
@@ -82,7 +101,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         root: str,
         resolution: int | Sequence[int] = 1024,
         buckets: bool = False,
-        bucket_step: int = 64,
+        bucket_step: int | None = None,
         min_bucket_size: int | None = None,
         max_bucket_size: int | None = None,
         max_aspect: float = 2.0,
@@ -108,26 +127,29 @@ class ImageFolderDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        size_multiple: int = 1,
     ):
         super().__init__()
         if root is None or str(root) in ("", "???"):
-            raise ValueError("ImageFolderDataModule needs root: the folder of training images")
+            raise ValueError("root is not set: give the folder of training images")
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if val_fraction and val_root:
-            raise ValueError("give val_fraction or val_root, not both")
-        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
-            raise ValueError(f"batch sizes must be >= 1, got {batch_size}, {val_batch_size}")
+            raise ValueError("val_fraction and val_root are both set: give one of them")
+        batch_size = check_int("batch_size", batch_size)
+        val_batch_size = None if val_batch_size is None else check_int("val_batch_size", val_batch_size)
+        num_workers = check_int("num_workers", num_workers, minimum=0)
         if cache_dir is not None and (random_crop or flip):
             raise ValueError(
                 "cache_dir stores one fixed view per image (centre crop, not mirrored), so random_crop=True "
                 "and flip=True cannot be honoured with it: turn them off or set cache_dir=null")
         self.root = str(root)
-        self.resolution = _hw(resolution)
+        self.size_multiple = check_int("size_multiple", size_multiple)
+        self.resolution = check_pixel_size(*_hw(resolution), self.size_multiple, ("resolution height", "width"))
         self.buckets = bool(buckets)
-        self.bucket_step, self.max_aspect = int(bucket_step), float(max_aspect)
+        self.bucket_step, self.max_aspect = _bucket_step(bucket_step, self.size_multiple), float(max_aspect)
         self.min_bucket_size, self.max_bucket_size = min_bucket_size, max_bucket_size
         if self.buckets:
             self.bucket_sizes = make_buckets(self.resolution, self.bucket_step, self.max_aspect,
@@ -159,10 +181,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             return
         kw = dict(caption_ext=self.caption_ext, metadata=self.metadata, min_size=self.min_size,
                   full_check=self.full_check, workers=self.check_workers)
-        records, skipped = scan_folder(self.root, **kw)
+        records, skipped = scan_folder(self.root, name="root", **kw)
         val: list[ImageRecord] = []
         if self.val_root:
-            val, vskipped = scan_folder(self.val_root, **kw)
+            val, vskipped = scan_folder(self.val_root, name="val_root", **kw)
             skipped = skipped + vskipped
         elif self.val_fraction > 0:
             records, val = split_records(records, self.val_fraction, self.seed)

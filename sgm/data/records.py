@@ -72,13 +72,23 @@ def _check_all(paths: Sequence[Path], min_size: int | None, full_check: bool,
         return list(pool.map(check, paths))
 
 
+def check_folder(root: str | Path, name: str = "image folder") -> Path:
+    """``root`` resolved, or FileNotFoundError / NotADirectoryError naming ``name`` and the path."""
+    path = Path(root).expanduser().resolve()
+    shown = repr(str(root)) + ("" if str(path) == str(root) else f" ({path})")
+    if not path.exists():
+        raise FileNotFoundError(f"{name} {shown} does not exist: give the folder of training images")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{name} {shown} is a file, not a folder of images")
+    return path
+
+
 def scan_folder(root: str | Path, caption_ext: str = ".txt", metadata: str | None = "metadata.jsonl",
-                min_size: int | None = None, full_check: bool = True, workers: int | None = None
-                ) -> tuple[list[ImageRecord], list[tuple[str, str]]]:
-    """(usable records sorted by relative path, skipped (path, reason)); warns once per skipped file."""
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a folder")
+                min_size: int | None = None, full_check: bool = True, workers: int | None = None,
+                name: str = "image folder") -> tuple[list[ImageRecord], list[tuple[str, str]]]:
+    """(usable records sorted by relative path, skipped (path, reason)); warns once per skipped file.
+    Errors (no folder, nothing usable) name the folder as ``name`` (the parameter that gave it)."""
+    given, root = root, check_folder(root, name)
     paths = find_images(root)
     meta = read_metadata(root, metadata)
     results = _check_all(paths, min_size, full_check, workers or min(8, os.cpu_count() or 1))
@@ -101,8 +111,9 @@ def scan_folder(root: str | Path, caption_ext: str = ".txt", metadata: str | Non
         log.warning("%d of %d images under %s have no caption (%s file or %s entry): empty caption used",
                     missing, len(records), root, caption_ext, metadata)
     if not records:
-        what = f"{len(skipped)} image files, all skipped" if paths else f"no {'/'.join(IMAGE_EXTENSIONS)} files"
-        raise RuntimeError(f"no usable training image under {root} ({what})")
+        what = (f"{len(skipped)} image files, all skipped; first: {skipped[0][0]}: {skipped[0][1]}" if paths
+                else f"no {'/'.join(IMAGE_EXTENSIONS)} files, searched recursively")
+        raise RuntimeError(f"{name} {str(given)!r} holds no usable training image ({what}); folder: {root}")
     return records, skipped
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypeVar
 
 #: kohya's default UNet targets: every Linear/1x1 layer of the transformer blocks
@@ -78,6 +78,22 @@ class LoRASpec:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not self.unet_targets and not self.include_conv and not self.train_text_encoders:
             raise ValueError("unet_targets is empty and neither include_conv nor train_text_encoders is set: nothing to adapt")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], prefix: str = "lora") -> "LoRASpec":
+        """A spec from config values; errors name the parameter under ``prefix`` (``lora.rank must be ...``)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"{prefix} has no parameter {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        missing = sorted(f.name for f in fields(cls) if f.name not in params
+                         and f.default is MISSING and f.default_factory is MISSING)
+        if missing:
+            raise ValueError(f"{prefix} needs {', '.join(missing)} (e.g. {prefix}.rank=16 {prefix}.alpha=16)")
+        try:
+            return cls(**params)
+        except ValueError as exc:  # every message starts with the parameter's name
+            raise ValueError(f"{prefix}.{exc}") from None
 
     def as_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "unet_targets": list(self.unet_targets),

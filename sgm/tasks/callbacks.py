@@ -1,4 +1,5 @@
-"""Training callbacks: sample images for fixed prompts, write the final weights atomically."""
+"""Training callbacks: sample images for fixed prompts, write the final weights atomically, keep
+resumable checkpoints (also on Ctrl-C) that record the run's config identity."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
+from .resume import CONFIG_HASH_KEY, CONFIG_KEY
 from .writer import make_grid, save_png_once, to_uint8
 
 log = logging.getLogger(__name__)
@@ -152,7 +155,8 @@ class SaveFinalWeights(L.Callback):
 
             save_checkpoint(engine, self.path, metadata=self.metadata, dtype=self.save_dtype)
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def write(self, trainer: L.Trainer, pl_module) -> None:
+        """Rank 0 writes the current weights (EMA ones when kept)."""
         if trainer.is_global_zero:
             ema = find_ema(trainer)
             if ema is not None:
@@ -162,7 +166,74 @@ class SaveFinalWeights(L.Callback):
             finally:
                 if ema is not None:
                     ema.swap_out(pl_module)
-            log.info("wrote %s%s", self.path, " (EMA weights)" if ema is not None else "")
+            log.info("wrote %s%s at step %d", self.path, " (EMA weights)" if ema is not None else "",
+                     trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.write(trainer, pl_module)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """Ctrl-C: the weights trained so far are written too (nothing before the first step)."""
+        if not isinstance(exception, KeyboardInterrupt) or trainer.global_step == 0:
+            return
+        try:
+            self.write(trainer, pl_module)
+        except Exception as exc:  # noqa: BLE001 - the resumable checkpoint must still be written
+            log.error("interrupted: could not write %s: %s", self.path, exc)
+
+
+class ConfigStamp(L.Callback):
+    """Records the run's config identity (:func:`sgm.tasks.resume.run_identity`) in every
+    checkpoint, so that ``resume=auto`` continues only a run of the same config."""
+
+    def __init__(self, config_hash: str, config_yaml: str):
+        self.config_hash, self.config_yaml = str(config_hash), str(config_yaml)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CONFIG_HASH_KEY] = self.config_hash
+        checkpoint[CONFIG_KEY] = self.config_yaml
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that also writes a resumable ``last.ckpt`` on Ctrl-C (KeyboardInterrupt),
+    when steps were trained since the last checkpoint. Written by rank 0 without the barrier of
+    ``Trainer.save_checkpoint``: interrupted ranks may stand at different places. At the end of
+    training ``last.ckpt`` holds the final step (a longer ``trainer.max_steps`` continues from it).
+
+    After a restore, the step counter of the logs is re-aligned with the optimizer steps: Lightning
+    expects checkpoints written at ``on_train_batch_end`` and counts one batch too many for one
+    written inside a batch (Ctrl-C) or at the end, which would leave a gap in metrics.csv / W&B.
+    """
+
+    _realign_log_step = False
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        self._realign_log_step = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._realign_log_step:
+            self._realign_log_step = False
+            loop = trainer.fit_loop.epoch_loop
+            if pl_module.automatic_optimization and loop._batches_that_stepped != trainer.global_step:
+                loop._batches_that_stepped = trainer.global_step  # one optimizer step per stepping batch
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and trainer.global_step != self._last_global_step_saved:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        else:
+            super().on_train_end(trainer, pl_module)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if (not isinstance(exception, KeyboardInterrupt) or self.dirpath is None or trainer.sanity_checking
+                or trainer.global_step == self._last_global_step_saved):
+            return
+        path = str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+        self.last_model_path = path  # part of the saved state
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        trainer.strategy.save_checkpoint(checkpoint, path)  # rank 0 writes (atomically: AtomicCheckpointIO)
+        self._last_global_step_saved = trainer.global_step
+        log.warning("interrupted at step %d: wrote the resumable checkpoint %s", trainer.global_step, path)
 
 
 class EMAWeights(L.Callback):

@@ -1,51 +1,129 @@
-"""The code behind train.py: LoRA or full training of a DiffusionEngine with Trainer.fit."""
+"""The code behind train.py: LoRA or full training of a DiffusionEngine with Trainer.fit.
+
+Order of work: everything that needs no weight file comes first, so that a bad input fails in
+well under a second: the config values (sizes, numbers, the LoRA spec, conflicts), the data
+module's arguments and callbacks, the resume checkpoint (intact? this run's config?), the
+image folder scan. Only then is the engine built and its weights read.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from ..diffusion._checks import check_finite, check_int, check_positive
 from ..engine import DiffusionEngine
+from ..lora.spec import LoRASpec
+from ..networks.sizes import config_pixel_multiple
+from .callbacks import ConfigStamp
+from .checkpoint_io import AtomicCheckpointIO
 from .common import (apply_runtime_settings, build_engine, check_logger, check_size, check_weights, instantiate_callbacks,
                      make_logger, run_dir)
-from .wandb_logger import finish_wandb
+from .csv_log import AppendingCSVLogger
+from .resume import ResumePoint, find_resume, resume_command, run_identity
+from .wandb_logger import finish_wandb, folder_run_id
 
 log = logging.getLogger(__name__)
 
 
-def find_resume(resume: str | None, out_dir: Path) -> str | None:
-    """``resume``: a checkpoint path, or ``auto`` = this run folder's last.ckpt, else the newest
-    ``last.ckpt`` of earlier runs beside it; None when there is nothing to resume."""
-    if not resume:
+def _resolution(value: Any) -> tuple[Any, Any]:
+    """``data.resolution`` (a size or [height, width]) as (height, width), unchecked."""
+    if isinstance(value, (list, tuple, ListConfig)):
+        if len(value) != 2:
+            raise ValueError(f"data.resolution must be a size or [height, width], got {list(value)!r}")
+        return value[0], value[1]
+    return value, value
+
+
+def lora_spec(node: Any) -> LoRASpec | None:
+    """The run's :class:`LoRASpec` from its ``lora`` node (None: full training); errors name ``lora.*``."""
+    if node is None:
         return None
-    if resume != "auto":
-        if not Path(resume).is_file():
-            raise FileNotFoundError(f"resume checkpoint {resume!r} does not exist (or use resume=auto)")
-        return str(resume)
-    own = out_dir / "checkpoints" / "last.ckpt"
-    if own.is_file():
-        return str(own)
-    candidates = sorted(out_dir.parent.parent.glob("*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if candidates:
-        log.info("resume=auto: continuing %s", candidates[-1])
-        return str(candidates[-1])
-    log.info("resume=auto: no earlier checkpoint, starting fresh")
-    return None
+    params = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    target = params.pop("_target_", "sgm.lora.LoRASpec")
+    cls = get_class(target)
+    if not (isinstance(cls, type) and issubclass(cls, LoRASpec)):
+        raise TypeError(f"lora._target_ {target!r} is not a LoRASpec")
+    return cls.from_params(params)
 
 
-def prepare_trainable(engine: DiffusionEngine, cfg: DictConfig) -> str:
-    """Freeze the engine, then make trainable what the run trains: LoRA adapters, or the whole UNet."""
+def check_train_config(cfg: DictConfig) -> tuple[int, LoRASpec | None]:
+    """Fail on a bad config value, naming it, before anything is built or read; returns the model's
+    size multiple (VAE x UNet downsampling) and the LoRA spec (None: full training)."""
+    check_size(cfg.model, cfg.H, cfg.W)
+    check_size(cfg.model, *_resolution(cfg.data.get("resolution")), names=("data.resolution height", "width"))
+    multiple = config_pixel_multiple(OmegaConf.to_container(cfg.model, resolve=True))
+    if OmegaConf.is_missing(cfg.data, "root"):
+        raise ValueError("data.root is not set: give the folder of training images, data.root=DIR")
+    check_int("trainer.max_steps", cfg.trainer.get("max_steps"))
+    check_int("trainer.accumulate_grad_batches", cfg.trainer.get("accumulate_grad_batches", 1))
+    if cfg.optimizer.get("lr") is not None:
+        check_positive("optimizer.lr", cfg.optimizer.lr)
+    decay = cfg.get("ema_decay")
+    if decay is not None and not 0.0 < check_finite("ema_decay", decay) < 1.0:
+        raise ValueError(f"ema_decay must be in (0, 1), e.g. 0.999 (or null for no EMA), got {decay!r}")
+    check_int("checkpoint_every_n_steps", cfg.checkpoint_every_n_steps)
+    check_int("keep_checkpoints", cfg.keep_checkpoints, minimum=-1)
+    check_int("validation.every_n_steps", cfg.validation.every_n_steps, minimum=0)
+    check_int("validation.sample_every_n_steps", cfg.validation.sample_every_n_steps, minimum=0)
+    spec = lora_spec(cfg.get("lora"))
+    if cfg.get("cache_latents"):
+        if spec is not None and spec.train_text_encoders:
+            raise ValueError("cache_latents=true caches the text encoders' outputs, so their LoRA "
+                             "(lora.train_text_encoders) could not train: use cache_latents=false with lora=text_encoders")
+        if not cfg.data.get("cache_dir"):
+            raise ValueError("cache_latents=true needs data.cache_dir=DIR, the folder that keeps the encodings")
+    return multiple, spec
+
+
+@contextlib.contextmanager
+def named_errors(prefix: str, node: Mapping) -> Iterator[None]:
+    """Re-raise an error of the code built from config ``node`` with the node's name: a message that
+    starts with one of its keys (``batch_size must be ...``) becomes ``prefix.batch_size must be ...``."""
+    try:
+        yield
+    except (InstantiationException, ValueError, TypeError, OSError, RuntimeError) as exc:
+        err = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ is not None else exc
+        text = str(err)
+        text = f"{prefix}.{text}" if text.split(" ", 1)[0] in node else f"{prefix}: {text}"
+        try:
+            renamed = type(err)(text)
+        except Exception:  # noqa: BLE001 - an exception type that takes other arguments
+            renamed = RuntimeError(text)
+        raise renamed from None
+
+
+def build_datamodule(node: DictConfig, size_multiple: int) -> L.LightningDataModule:
+    """The data module of the ``data`` node, given the model's size multiple where it takes one."""
+    extra = {"size_multiple": size_multiple} if "size_multiple" in node else {}
+    with named_errors("data", node):
+        return instantiate(node, **extra)
+
+
+def scan_data(datamodule: L.LightningDataModule, node: DictConfig) -> None:
+    """The data module's folder scan and checks (``setup("fit")``), done before any weights are read."""
+    with named_errors("data", node):
+        datamodule.setup("fit")
+
+
+def prepare_trainable(engine: DiffusionEngine, cfg: DictConfig, spec: LoRASpec | None) -> str:
+    """Freeze the engine, then make trainable what the run trains: LoRA adapters (``spec``), or the whole UNet."""
     engine.requires_grad_(False)
-    if cfg.get("lora") is not None:
+    if spec is not None:
         from ..lora import inject_lora
 
-        names = inject_lora(engine, instantiate(cfg.lora))
+        names = inject_lora(engine, spec)
         log.info("LoRA on %d modules", len(names))
         mode = "lora"
     else:
@@ -78,39 +156,69 @@ def cache_encoder(engine: DiffusionEngine):
     return encode
 
 
+def wandb_resume_settings(cfg: DictConfig, out_dir: Path) -> None:
+    """The W&B logger continues the run folder's W&B run (its id is kept in the folder)."""
+    logger = cfg.get("logger")
+    if logger is not None and str(logger.get("_target_", "")).endswith("make_wandb_logger"):
+        with open_dict(cfg):
+            logger.id = folder_run_id(out_dir)
+            logger.resume = "allow"
+
+
+def make_trainer(cfg: DictConfig, callbacks: list, out_dir: Path, point: ResumePoint | None) -> L.Trainer:
+    """The Trainer: metrics.csv continued in the run folder, the W&B run continued, atomic checkpoints."""
+    loggers: list = [AppendingCSVLogger(out_dir, resume_step=point.step if point else None)]
+    wandb_resume_settings(cfg, out_dir)
+    wandb_logger = make_logger(cfg, out_dir)
+    if wandb_logger is not None:
+        loggers.append(wandb_logger)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, enable_checkpointing=True,
+                       plugins=[AtomicCheckpointIO()])
+
+
+def _interrupted(trainer: L.Trainer, out_dir: Path) -> None:
+    """Say how an interrupted run continues."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    log.warning("training interrupted at step %d (run folder %s). Continue it with:\n  %s", trainer.global_step,
+                out_dir, resume_command(overrides, out_dir))
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured engine on the configured data; return the final metrics."""
-    check_size(cfg.model, cfg.H, cfg.W)
+    multiple, spec = check_train_config(cfg)
     check_weights(cfg.get("weights"))
     check_logger(cfg)
     apply_runtime_settings(cfg)
     out_dir = run_dir()
-    resume = find_resume(cfg.get("resume"), out_dir)
     L.seed_everything(int(cfg.seed), workers=True)
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg.data, multiple)
+    mode = "lora" if spec is not None else "full"
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), mode=mode, run_config=OmegaConf.to_yaml(cfg))
+    identity = run_identity(cfg)
+    callbacks.append(ConfigStamp(identity.hash, identity.config))
+    point = find_resume(cfg.get("resume"), out_dir, identity)
+    scan_data(datamodule, cfg.data)  # the folder scan, before any weight file is read
+
     engine = build_engine(cfg.model, cfg.get("weights"), seed=int(cfg.seed), loss_fn=cfg.loss,
                           optimizer=cfg.optimizer, lr_scheduler=cfg.get("lr_scheduler"))
     engine.train_seed = int(cfg.seed)
-    mode = prepare_trainable(engine, cfg)
+    prepare_trainable(engine, cfg, spec)
     if cfg.get("cache_latents"):
-        if cfg.get("lora") is not None and cfg.lora.get("train_text_encoders"):
-            raise ValueError("cache_latents=true caches the text encoders' outputs, so their LoRA could not "
-                             "train: use cache_latents=false with lora=text_encoders")
-        datamodule.setup("fit")
         import hashlib
 
         tag = hashlib.sha256(OmegaConf.to_yaml(cfg.model, resolve=True).encode()).hexdigest()[:16]
         datamodule.build_cache(cache_encoder(engine), tag=tag)  # another model: another cache
 
-    callbacks = instantiate_callbacks(cfg.get("callbacks"), mode=mode, run_config=OmegaConf.to_yaml(cfg))
-    from lightning.pytorch.loggers import CSVLogger
-
-    loggers = [CSVLogger(save_dir=out_dir, name="", version="")]  # metrics.csv in the run folder
-    wandb_logger = make_logger(cfg, out_dir)
-    if wandb_logger is not None:
-        loggers.append(wandb_logger)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, enable_checkpointing=True)
-    trainer.fit(engine, datamodule=datamodule, ckpt_path=resume)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    finish_wandb(trainer)
-    return metrics
+    trainer = make_trainer(cfg, callbacks, out_dir, point)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(engine, datamodule=datamodule, ckpt_path=str(point.path) if point else None)
+    except SystemExit:
+        if trainer.interrupted:  # Ctrl-C: the callbacks wrote last.ckpt and the weights so far
+            _interrupted(trainer, out_dir)
+        raise
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)  # Lightning ignores Ctrl-C from its first one on
+        finish_wandb(trainer)
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}

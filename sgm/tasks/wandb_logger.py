@@ -52,8 +52,9 @@ def server_reachable(timeout: float = PROBE_SECONDS) -> bool:
 
 def make_wandb_logger(project: str = "sgm", save_dir: str = ".", mode: str = "auto", name: str | None = None,
                       group: str | None = None, job_type: str | None = None, tags: list[str] | None = None,
-                      run_config: dict | None = None) -> Any:
+                      run_config: dict | None = None, id: str | None = None, resume: str | None = None) -> Any:
     """A Lightning ``WandbLogger``; ``mode`` auto = online with credentials, else offline.
+    ``id`` / ``resume`` (e.g. ``"allow"``): continue the W&B run of that id (see :func:`folder_run_id`).
 
     Returns None (with a warning) if wandb cannot start: logging must not cost the run.
     """
@@ -71,11 +72,32 @@ def make_wandb_logger(project: str = "sgm", save_dir: str = ".", mode: str = "au
         import wandb
 
         return WandbLogger(project=project, save_dir=save_dir, offline=(mode == "offline"), name=name, group=group,
-                           job_type=job_type, tags=tags, config=run_config,
+                           job_type=job_type, tags=tags, config=run_config, id=id,
+                           **({"resume": resume} if resume else {}),
                            settings=wandb.Settings(init_timeout=30, silent=True))
     except Exception as exc:  # noqa: BLE001
         log.warning("W&B logger unavailable (%s); continuing without it", exc)
         return None
+
+
+RUN_ID_FILE = "wandb_run_id.txt"
+
+
+def folder_run_id(folder: str | Path) -> str:
+    """The W&B run id of a run folder: the one in its ``wandb_run_id.txt``, else a new one written
+    there, so that a resumed run (same folder) continues the same W&B run."""
+    path = Path(folder) / RUN_ID_FILE
+    try:
+        run_id = path.read_text().strip()
+    except OSError:
+        run_id = ""
+    if not run_id:
+        import secrets
+
+        run_id = secrets.token_hex(4)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+    return run_id
 
 
 def finish_wandb(trainer: Any) -> None:
