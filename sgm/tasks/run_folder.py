@@ -15,6 +15,7 @@ Only the standard library is imported here: the resolver is registered on ``impo
 from __future__ import annotations
 
 import datetime
+import os
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,8 @@ class RunFolderGuard(_Callback):  # type: ignore[misc]
     """Hydra callback: no run or sweep writes into a folder that holds another run."""
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        if int(os.environ.get("LOCAL_RANK", "0") or 0) > 0:
+            return  # a DDP rank Lightning relaunched into rank 0's folder
         kind = "train" if "resume" in config else "run"
         check_run_folder(Path(str(config.hydra.run.dir)), config.get("resume"), kind)
 
