@@ -1,4 +1,8 @@
-"""Every config file composes and instantiates; the CLI reaches the objects; sgm YAML imports."""
+"""Every config file composes and instantiates; the CLI reaches the objects; sgm YAML imports.
+
+Composition goes through conftest's ``compose``, runs through ``run_task`` (in-process); the
+tests named ``test_cli_*`` and the sweeps launch run.py itself, as a user would.
+"""
 
 import json
 import subprocess
@@ -8,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from sgm.config import SGM_ALIASES, convert_sgm_config, load_sgm_yaml, resolve_target
 from sgm.diffusion import (DiscreteDenoiser, DiscreteSampling, EpsScaling, EpsWeighting, EulerEDMSampler,
@@ -22,9 +26,34 @@ CONF = ROOT / "conf"
 DATA = Path(__file__).parent / "data"
 
 
-def _compose(overrides=()):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="sample", overrides=list(overrides))
+SAME_AS_HYDRA = [  # (config, overrides): every kind the tests use, defaults-list and value overrides mixed
+    ("sample", ["discretization.rho=5", "discretization=edm", "seed=abc", "strength=nan", "prompt='a café (2)'",
+                "~logger", "~weights.dtype", "++seed=3"]),
+    ("sample", ["model=tiny", "steps=3", "weights.checkpoint=null", "lora.files=['/a b.safetensors',/c.pt]",
+                "lora.strengths=[0.5,1]", "+extra.key=1", "hydra.run.dir=/tmp/x"]),
+    ("sample", ["patches=[freeu]", "patches.freeu.b1=1.1", "+denoiser=edm", "hydra/launcher=slurm",
+                "guider=cfg_rescale"]),
+    ("train", ["~lora", "data.root=/x", "trainer.max_steps=30", "validation.prompts=[a red cube]", "resume=/r/l.ckpt"]),
+]
+
+
+def test_cached_compose_is_hydras_compose(compose):
+    """conftest's compose (a cached composition plus the value overrides applied as Hydra applies
+    them) gives what Hydra's own compose gives, hydra node included, and fails alike."""
+    from hydra.errors import ConfigCompositionException
+
+    from sgm.tasks.common import compose as hydra_compose
+
+    for k, (config_name, overrides) in enumerate(SAME_AS_HYDRA):
+        for hydra in (True, False) if k == 0 else (True,):  # the hydra node holds what Hydra records of them
+            want = OmegaConf.to_yaml(hydra_compose(config_name, overrides, hydra=hydra))
+            assert OmegaConf.to_yaml(compose(config_name, overrides, hydra=hydra)) == want, (overrides, hydra)
+    for bad in (["no_such_key=1"], ["model=tiny", "+seed=2"], ["~weights.nothing"]):
+        with pytest.raises(ConfigCompositionException) as want:
+            hydra_compose("sample", bad)
+        with pytest.raises(ConfigCompositionException) as got:
+            compose("sample", bad)
+        assert str(got.value) == str(want.value)
 
 
 def _options(group):
@@ -39,9 +68,9 @@ def test_groups_have_the_promised_files():
 
 
 @pytest.mark.parametrize("group", ["discretization", "guider", "sampler"])
-def test_every_sampling_option_composes_and_instantiates(group):
+def test_every_sampling_option_composes_and_instantiates(compose, group):
     for name in _options(group):
-        cfg = _compose([f"{group}={name}"])
+        cfg = compose("sample", [f"{group}={name}"])
         obj = instantiate(cfg[group])
         assert type(obj).__module__.startswith("sgm."), (group, name, obj)
         if group == "sampler":  # samplers integrate the schedule they are given
@@ -49,29 +78,31 @@ def test_every_sampling_option_composes_and_instantiates(group):
 
 
 @pytest.mark.parametrize("group", ["denoiser", "sigma_sampler", "loss_weighting", "loss"])
-def test_every_training_option_composes_and_instantiates(group):
+def test_every_training_option_composes_and_instantiates(compose, group):
     for name in _options(group):
-        cfg = _compose([f"+{group}={name}"])
+        cfg = compose("sample", [f"+{group}={name}"])
         obj = instantiate(cfg[group])
         assert type(obj).__module__.startswith("sgm."), (group, name, obj)
 
 
-def test_edm_defaults_to_the_models_trained_range():
-    disc = instantiate(_compose(["discretization=edm"]).discretization)
+def test_edm_defaults_to_the_models_trained_range(compose):
+    disc = instantiate(compose("sample", ["discretization=edm"]).discretization)
     assert (disc.sigma_min, disc.sigma_max, disc.rho) == (0.0292, 14.6146, 3.0)
 
 
-def test_overrides_reach_the_sampler_and_the_schedule():
+def test_overrides_reach_the_sampler_and_the_schedule(compose):
     from sgm.diffusion.schedule import sampling_sigmas
 
-    cfg = _compose(["sampler=heun", "discretization=edm", "discretization.rho=5", "guider.scale=-2.5", "steps=7"])
+    cfg = compose("sample", ["sampler=heun", "discretization=edm", "discretization.rho=5", "guider.scale=-2.5",
+                             "steps=7"])
     sampler, disc = instantiate(cfg.sampler), instantiate(cfg.discretization)
     assert type(sampler).__name__ == "HeunEDMSampler" and sampler.guider.scale == -2.5
     assert disc.rho == 5 and len(sampling_sigmas(disc, cfg.steps)) == 8
 
 
-def _run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+def _run(*args, cwd=ROOT, timeout=120):
+    """``python run.py ARGS`` as a new process (the CLI itself: --cfg, errors, multirun)."""
+    return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def test_cli_cfg_job_shows_rho_reaching_the_schedule():
@@ -97,23 +128,22 @@ def test_cli_unknown_sampler_lists_the_choices():
     [("discretization.rho=0", "discretization", "rho"), ("discretization.sigma_min=20", "discretization", "sigma_min"),
      ("guider.scale=nan", "sampler", "scale")],
 )
-def test_bad_values_fail_at_construction_naming_the_parameter(override, group, name):
-    cfg = _compose([override])
+def test_bad_values_fail_at_construction_naming_the_parameter(compose, override, group, name):
+    cfg = compose("sample", [override])
     with pytest.raises(InstantiationException, match=name):
         instantiate(cfg[group])
 
 
-def test_cli_bad_value_fails_before_writing_anything(tmp_path):
-    res = _run("steps=0", f"hydra.run.dir={tmp_path}/run")
-    assert res.returncode != 0 and "steps must be an integer" in res.stderr
+def test_bad_value_fails_before_writing_anything(run_task, tmp_path):
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        run_task("sample", ["steps=0"], tmp_path / "run")
     assert not list((tmp_path / "run").glob("*.png"))
 
 
-def test_run_writes_images_grid_and_metrics(tmp_path):
+def test_run_writes_images_grid_and_metrics(run_task, tmp_path):
     """The shipped default (model=digits, metrics=digits): ten digits, judged in metrics.json."""
-    res = _run("progress=false", "steps=8", "sampler=dpmpp_2m", f"hydra.run.dir={tmp_path}/run")
-    assert res.returncode == 0, res.stderr
     out = tmp_path / "run"
+    run_task("sample", ["progress=false", "steps=8", "sampler=dpmpp_2m"], out)
     assert len(list(out.glob("0*.png"))) == 10 and (out / "grid.png").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 10 and metrics["network_evaluations_per_batch"] == 8  # one (uc + c) call per step
@@ -125,8 +155,10 @@ def test_run_writes_images_grid_and_metrics(tmp_path):
     assert "EulerEDMSampler" not in meta["config"]
 
 
+@pytest.mark.slow
 def test_multirun_sweeps_the_guidance_scale(tmp_path):
-    res = _run("-m", "guider.scale=1,3,5", "progress=false", "steps=4", f"hydra.sweep.dir={tmp_path}/sweep")
+    res = _run("-m", "guider.scale=1,3,5", "progress=false", "steps=4", f"hydra.sweep.dir={tmp_path}/sweep",
+               timeout=600)
     assert res.returncode == 0, res.stderr
     runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
     assert len(runs) == 3
@@ -185,16 +217,15 @@ def test_unknown_sgm_target_is_named():
         convert_sgm_config({"sampler_config": node})
 
 
+@pytest.mark.slow
 def test_parallel_launcher_runs_a_summarized_sweep(tmp_path):
     res = _run("-m", "hydra/launcher=parallel", "guider.scale=0,3", "steps=3", "progress=false", "cpu_threads=1",
-               "~logger", f"hydra.sweep.dir={tmp_path}/sweep")
+               "~logger", f"hydra.sweep.dir={tmp_path}/sweep", timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Joblib.Parallel" in res.stdout + res.stderr
     assert len((tmp_path / "sweep" / "summary.csv").read_text().splitlines()) == 3
 
 
-def test_slurm_launcher_config_composes():
-    res = _run("hydra/launcher=slurm", "--cfg", "hydra")
-    assert res.returncode == 0, res.stderr[-2000:]
-    launcher = yaml.safe_load(res.stdout)["hydra"]["launcher"]
+def test_slurm_launcher_config_composes(compose):
+    launcher = OmegaConf.to_container(compose("sample", ["hydra/launcher=slurm"], hydra=True).hydra.launcher)
     assert launcher["_target_"].endswith("SlurmLauncher") and launcher["gpus_per_node"] == 1

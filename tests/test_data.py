@@ -18,7 +18,6 @@ from sgm.data.buckets import BucketBatchSampler, aspect_error, make_buckets
 from sgm.data.datamodule import ImageFolderDataModule
 from sgm.data.transforms import load_view, plan_crop
 
-ROOT = Path(__file__).resolve().parents[1]
 GOOD = {  # name: (size (w, h) as PIL gives it, mode)
     "a_wide.png": ((40, 24), "RGB"),
     "b_tall.jpg": ((24, 40), "RGB"),
@@ -444,17 +443,13 @@ def test_ddp_ranks_get_disjoint_complete_shards(folder, batch_size):
     assert len(BucketBatchSampler([0, 0, 1, 1, 1], 1, rank=0, world_size=2, drop_last=True)) == 2
 
 
-def test_hydra_config_builds_the_datamodule(folder):
-    from hydra import compose, initialize_config_dir
+def test_hydra_config_builds_the_datamodule(compose, folder):
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf" / "data"), version_base="1.3"):
-        cfg = compose(config_name="image_folder", overrides=[f"root={folder}", "resolution=32", "min_size=16"])
-    dm = instantiate(cfg)
+    cfg = compose("train", [f"data.root={folder}", "data.resolution=32", "data.min_size=16"])
+    dm = instantiate(cfg.data)
     assert isinstance(dm, ImageFolderDataModule) and dm.resolution == (32, 32)
     dm.setup("fit")
     assert len(dm.train_records) == len(GOOD)
-    with initialize_config_dir(config_dir=str(ROOT / "conf" / "data"), version_base="1.3"):
-        from omegaconf import OmegaConf
-
-        assert OmegaConf.is_missing(compose(config_name="image_folder"), "root")  # root is required
+    assert OmegaConf.is_missing(compose("train").data, "root")  # root is required

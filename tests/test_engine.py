@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from safetensors.torch import load_file, save_file
 
@@ -13,14 +12,9 @@ from sgm.config import load_sgm_yaml
 from sgm.diffusion.schedule import img2img_start
 from sgm.tasks.common import build_engine
 
-ROOT = Path(__file__).resolve().parents[1]
 from _paths import REFERENCE
+
 DATA = Path(__file__).parent / "data"
-
-
-def _compose(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="sample", overrides=list(overrides))
 
 
 def _reference(name):
@@ -42,8 +36,8 @@ def _rows(engine):
 
 
 @pytest.fixture(scope="module")
-def tiny_cfg():
-    return _compose("model=tiny", "steps=4", "progress=false")
+def tiny_cfg(compose):
+    return compose("sample", ["model=tiny", "steps=4", "progress=false"])
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +52,8 @@ def _sigmas(engine, cfg, steps):
 
 
 @pytest.mark.parametrize("name", ["digits", "tiny", "analytic", "sdxl_base", "sdxl_refiner"])
-def test_every_model_node_is_instantiable_as_it_stands(name):
-    cfg = _compose(f"model={name}")
+def test_every_model_node_is_instantiable_as_it_stands(compose, name):
+    cfg = compose("sample", [f"model={name}"])
     with torch.device("meta" if name.startswith("sdxl") else "cpu"):  # SDXL: no 7 GB of random weights
         engine = instantiate(cfg.model)
     assert type(engine).__name__ == "DiffusionEngine"
@@ -67,8 +61,8 @@ def test_every_model_node_is_instantiable_as_it_stands(name):
 
 
 @pytest.mark.parametrize("name, tsv", [("sdxl_base", "sd_xl_base_1.0"), ("sdxl_refiner", "sd_xl_refiner_1.0")])
-def test_sdxl_configs_give_the_original_state_dict(name, tsv):
-    cfg = _compose(f"model={name}")
+def test_sdxl_configs_give_the_original_state_dict(compose, name, tsv):
+    cfg = compose("sample", [f"model={name}"])
     with torch.device("meta" if name.startswith("sdxl") else "cpu"):  # SDXL: no 7 GB of random weights
         engine = instantiate(cfg.model).half()
     ours, ref = _rows(engine), _reference(tsv)

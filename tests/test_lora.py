@@ -2,11 +2,9 @@
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors import safe_open
@@ -25,24 +23,18 @@ from sgm.lora import (
 )
 from sgm.tasks.common import build_engine
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cube", "a blue sphere"]
 SPEC = dict(rank=4, alpha=2.0)  # alpha != rank, so alpha handling matters
 
 
-def _compose(config="sample", *overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name=config, overrides=list(overrides))
-
-
-def _meta_sdxl_base():
+def _meta_sdxl_base(compose):
     with torch.device("meta"):
-        return instantiate(_compose("sample", "model=sdxl_base").model)
+        return instantiate(compose("sample", ["model=sdxl_base"]).model)
 
 
 @pytest.fixture(scope="module")
-def tiny_cfg():
-    return _compose("sample", "model=tiny")
+def tiny_cfg(compose):
+    return compose("sample", ["model=tiny"])
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +98,8 @@ def trained(base, tmp_path_factory):
 
 # ------------------------------------------------------------------ targets and names (SDXL base, meta)
 
-def test_sdxl_base_default_targets_are_kohyas_722():
-    engine = _meta_sdxl_base()
+def test_sdxl_base_default_targets_are_kohyas_722(compose):
+    engine = _meta_sdxl_base(compose)
     names = inject_lora(engine, LoRASpec(16, 16))
     assert len(names) == len(set(names)) == 722
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names
@@ -137,13 +129,13 @@ def test_sdxl_base_default_targets_are_kohyas_722():
     assert tuple(third.lora_up.weight.shape) == (1280, 16) and tuple(third.lora_down.weight.shape) == (16, 1280)
 
 
-def test_sdxl_base_diffusers_names_are_the_diffusers_unet_modules():
+def test_sdxl_base_diffusers_names_are_the_diffusers_unet_modules(compose):
     """The sgm -> diffusers path map names real modules of diffusers' SDXL UNet, one to one."""
     pytest.importorskip("diffusers")
     from _nets_convert import diffusers_unet_config
     from diffusers import UNet2DConditionModel
 
-    cfg = OmegaConf.to_container(_compose("sample", "model=sdxl_base").model.network)
+    cfg = OmegaConf.to_container(compose("sample", ["model=sdxl_base"]).model.network)
     cfg.pop("_target_")
     with torch.device("meta"):
         ours = instantiate({"_target_": "sgm.networks.openaimodel.UNetModel", **cfg})
@@ -170,11 +162,12 @@ def test_fresh_adapters_change_nothing_and_only_adapters_train(base):
     assert sorted(trainable) == sorted(f"lora_network.{n}.{p}.weight" for n in names for p in ("lora_down", "lora_up"))
     torch.testing.assert_close(_output(engine), ref, rtol=0, atol=0)
     sd = engine.state_dict()  # Lightning checkpoints: the original keys plus the adapters
-    assert set(base.state_dict()) <= set(sd)
-    assert {k for k in sd if k not in base.state_dict()} == {f"lora_network.{n}.{s}" for n in names
-                                                            for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    base_keys = set(base.state_dict())
+    assert base_keys <= set(sd)
+    assert {k for k in sd if k not in base_keys} == {f"lora_network.{n}.{s}" for n in names
+                                                    for s in ("lora_down.weight", "lora_up.weight", "alpha")}
     remove_lora(engine)
-    assert set(engine.state_dict()) == set(base.state_dict())
+    assert set(engine.state_dict()) == base_keys
     assert all(engine.conditioner.embedders[i].is_trainable is False for i in (0, 1))
 
 
@@ -211,9 +204,9 @@ def test_lora_file_layout_and_metadata(trained):
         assert f.get_tensor(f"{names[0]}.lora_up.weight").dtype == torch.float16
 
 
-def test_conv_config_gives_3x3_down_and_1x1_up(base, tmp_path):
+def test_conv_config_gives_3x3_down_and_1x1_up(compose, base, tmp_path):
     engine = copy.deepcopy(base)
-    spec = instantiate(_compose("train", "lora=conv").lora)
+    spec = instantiate(compose("train", ["lora=conv"]).lora)
     assert spec.include_conv and spec.conv_rank == 8
     names = inject_lora(engine, spec)
     sd = lora_state_dict(engine)
@@ -229,7 +222,7 @@ def test_conv_config_gives_3x3_down_and_1x1_up(base, tmp_path):
     fresh = copy.deepcopy(base)
     load_lora_files(fresh, [path], [1.0])
     torch.testing.assert_close(_output(fresh), want, rtol=1e-4, atol=1e-5)  # strided 3x3 merges exactly
-    assert instantiate(_compose("train", "lora=text_encoders").lora).train_text_encoders
+    assert instantiate(compose("train", ["lora=text_encoders"]).lora).train_text_encoders
 
 
 # ------------------------------------------------------------------ loading and merging
@@ -320,14 +313,14 @@ def test_diffusers_and_peft_namings_merge_to_the_same_weights(base, trained, tmp
 
 # ------------------------------------------------------------------ diffusers reads our file
 
-def test_diffusers_loads_our_file_and_fuses_to_the_same_model(base, trained):
+def test_diffusers_loads_our_file_and_fuses_to_the_same_model(compose, base, trained):
     pytest.importorskip("peft")
     pytest.importorskip("diffusers")
     from _nets_convert import diffusers_unet_config, unet_to_diffusers
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    cfg = OmegaConf.to_container(_compose("sample", "model=tiny").model.network)
+    cfg = OmegaConf.to_container(compose("sample", ["model=tiny"]).model.network)
     cfg.pop("_target_")
     unet_sd = {k.removeprefix("model.diffusion_model."): v for k, v in base.state_dict().items()
                if k.startswith("model.diffusion_model.")}

@@ -58,6 +58,7 @@ def test_shipped_digit_classifier_is_accurate_on_the_held_out_split(mnist):
     assert features.shape == (500, model.feature_dim)
 
 
+@pytest.mark.slow  # Fréchet distances of 3 x 400 images
 def test_digit_metrics_separate_real_digits_from_noise(mnist):
     import torch
 

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from functools import partial
 
 import pytest
 import torch
-
-from sgm.diffusion.schedule import initial_latent, sampling_sigmas
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from sgm.diffusion import DiscreteDenoiser, EpsScaling, LegacyDDPMDiscretization, VanillaCFG
 from sgm.diffusion.pag import PAGGuider, select_layers
+from sgm.diffusion.schedule import initial_latent, sampling_sigmas
 from sgm.networks import CrossAttention, UNetModel
 from sgm.networks.freeu import FreeU
 from sgm.networks.patches import UNetPatch, apply_patches
 from sgm.networks.wrapper import OpenAIWrapper
 
 from _nets_convert import diffusers_unet_config, unet_to_diffusers
-from test_config import CONF, _compose
 from test_networks import SDXL_BASE, TINY, _randomize, _shapes, _tsv, _unet_inputs
 
 log = logging.getLogger(__name__)
@@ -150,13 +146,10 @@ def test_freeu_matches_diffusers(nets, size):
     assert float((plain - ref).abs().max()) > 1e-2  # FreeU changed the output
 
 
-def test_freeu_config_group_and_apply_patches(tmp_path, nets):
-    """`patches=[freeu]` as the run config will select it: a list-valued group, one key per option."""
-    shutil.copytree(CONF / "patches", tmp_path / "patches")
-    (tmp_path / "run.yaml").write_text("defaults:\n  - patches: []\n  - _self_\n")
-    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
-        assert compose(config_name="run").get("patches") is None
-        cfg = compose(config_name="run", overrides=["patches=[freeu]", "patches.freeu.b1=1.1"])
+def test_freeu_config_group_and_apply_patches(compose, nets):
+    """`patches=[freeu]` as the run config selects it: a list-valued group, one key per option."""
+    assert compose("sample").get("patches") is None
+    cfg = compose("sample", ["patches=[freeu]", "patches.freeu.b1=1.1"])
     patches = apply_patches(nets[0], instantiate(cfg.patches))
     try:
         assert len(patches) == 1 and isinstance(patches[0], FreeU)
@@ -263,8 +256,8 @@ def test_bad_layer_selector_names_itself(nets):
         guider.prepare_inputs(inp["x"], inp["timesteps"], cond, uc)
 
 
-def test_pag_config_reaches_the_sampler(nets):
-    cfg = _compose(["guider=pag", "guider.pag_scale=2", "guider.layers=[up.block_0,mid]", "steps=2"])
+def test_pag_config_reaches_the_sampler(compose, nets):
+    cfg = compose("sample", ["guider=pag", "guider.pag_scale=2", "guider.layers=[up.block_0,mid]", "steps=2"])
     sampler = instantiate(cfg.sampler)
     guider = sampler.guider
     assert isinstance(guider, PAGGuider) and guider.pag_scale == 2.0 and guider.layers == ["up.block_0", "mid"]

@@ -1,4 +1,5 @@
-"""run.py end to end: prompts, wildcards, the run folder, W&B offline, DDP on two CPU processes."""
+"""run.py end to end (in-process through conftest.run_task): prompts, wildcards, the run folder,
+W&B offline; DDP on two CPU processes through the real script."""
 
 import json
 import subprocess
@@ -14,11 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_py(*args, timeout=300):
+    """``python run.py ARGS`` as a new process: only for what needs the script itself (DDP)."""
     env = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
            "HOME": str(Path.home())}
     res = subprocess.run([sys.executable, "run.py", "progress=false", *args], cwd=ROOT, capture_output=True, text=True,
                          timeout=timeout, env=env)
     return res
+
+
+def sample(run_task, out: Path, *overrides: str):
+    """``python run.py progress=false OVERRIDES hydra.run.dir=OUT`` in-process: (metrics, cfg)."""
+    return run_task("sample", ["progress=false", *overrides], out)
 
 
 def _leveldb_records(blob: bytes, block: int = 32768):
@@ -56,10 +63,9 @@ def wandb_records(run_dir: Path) -> dict[str, list]:
     return out
 
 
-def test_tiny_model_writes_images_grid_metrics_and_a_wandb_run(tmp_path):
+def test_tiny_model_writes_images_grid_metrics_and_a_wandb_run(run_task, tmp_path):
     out = tmp_path / "run"
-    res = run_py("model=tiny", "steps=3", "sampler=heun", "num_images_per_prompt=2", f"hydra.run.dir={out}")
-    assert res.returncode == 0, res.stderr[-3000:]
+    returned, _ = sample(run_task, out, "model=tiny", "steps=3", "sampler=heun", "num_images_per_prompt=2")
     pngs = sorted(out.glob("0*.png"))
     assert len(pngs) == 4 and (out / "grid.png").is_file()
     meta = Image.open(pngs[2]).text
@@ -68,6 +74,7 @@ def test_tiny_model_writes_images_grid_metrics_and_a_wandb_run(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 4 and metrics["network_evaluations_per_batch"] == 3 * 2 - 1
     assert metrics["seconds_per_image"] > 0
+    assert json.dumps(returned, sort_keys=True) == json.dumps(metrics, sort_keys=True)  # run()'s return (NaN too)
     records = wandb_records(out)
     config_keys = {item.key for rec in records["run"] for item in rec.run.config.update}
     assert {"sampler", "model", "guider"} <= config_keys
@@ -77,24 +84,22 @@ def test_tiny_model_writes_images_grid_metrics_and_a_wandb_run(tmp_path):
     assert list(out.glob("wandb/offline-run-*/files/media/images/samples/grid_*.png"))
 
 
-def test_sampling_overrides_reach_the_tiny_model(tmp_path):
+def test_sampling_overrides_reach_the_tiny_model(run_task, tmp_path):
     out = tmp_path / "run"
-    res = run_py("model=tiny", "steps=2", "sampler=dpmpp_2m", "discretization=edm", "discretization.rho=5",
-                 "guider=cfg_rescale", "~logger", f"hydra.run.dir={out}")
-    assert res.returncode == 0, res.stderr[-3000:]
+    sample(run_task, out, "model=tiny", "steps=2", "sampler=dpmpp_2m", "discretization=edm", "discretization.rho=5",
+           "guider=cfg_rescale", "~logger")
     cfg = (out / ".hydra" / "config.yaml").read_text()
     assert "rho: 5" in cfg and "RescaledCFG" in cfg
 
 
-def test_prompt_file_and_wildcards(tmp_path):
+def test_prompt_file_and_wildcards(run_task, tmp_path):
     (tmp_path / "wc").mkdir()
     (tmp_path / "wc" / "digit.txt").write_text("3\n7\n")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a digit __digit__\n\n a digit 1 \n")
     out = tmp_path / "run"
-    res = run_py(f"prompt_file={prompts}", f"wildcards_dir={tmp_path / 'wc'}", "num_images_per_prompt=3", "steps=3",
-                 "~logger", f"hydra.run.dir={out}")
-    assert res.returncode == 0, res.stderr[-3000:]
+    sample(run_task, out, f"prompt_file={prompts}", f"wildcards_dir={tmp_path / 'wc'}", "num_images_per_prompt=3",
+           "steps=3", "~logger")
     texts = [Image.open(p).text["prompt"] for p in sorted(out.glob("0*.png"))]
     assert len(texts) == 6 and texts[3:] == ["a digit 1"] * 3
     assert all(t in ("a digit 3", "a digit 7") for t in texts[:3])
@@ -115,35 +120,35 @@ def test_wildcards_are_seeded_and_missing_files_named(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, error, message",
     [
-        (["prompt_file=/nonexistent/prompts.txt"], "prompt_file"),
-        (["model=tiny", "H=36"], "multiples of 8"),
-        (["model=tiny", "init_image=/nonexistent.png"], "init_image"),
-        (["strength=1.5"], "strength"),
-        (["model=tiny", "weights.checkpoint=/nonexistent.safetensors"], "nonexistent.safetensors"),
+        (["prompt_file=/nonexistent/prompts.txt"], FileNotFoundError, "prompt_file"),
+        (["model=tiny", "H=36"], ValueError, "multiples of 8"),
+        (["model=tiny", "init_image=/nonexistent.png"], FileNotFoundError, "init_image"),
+        (["strength=1.5"], ValueError, "strength"),
+        (["model=tiny", "weights.checkpoint=/nonexistent.safetensors"], FileNotFoundError, "nonexistent.safetensors"),
     ],
 )
-def test_bad_input_fails_early_with_a_named_problem(tmp_path, args, message):
+def test_bad_input_fails_early_with_a_named_problem(run_task, tmp_path, args, error, message):
     out = tmp_path / "run"
-    res = run_py(*args, "~logger", f"hydra.run.dir={out}")
-    assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
+    with pytest.raises(error, match=message):
+        sample(run_task, out, *args, "~logger")
     assert not list(out.glob("*.png"))
 
 
-def test_corrupt_init_image_is_named(tmp_path):
+def test_corrupt_init_image_is_named(run_task, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    res = run_py("model=tiny", f"init_image={bad}", "strength=0.5", "~logger", f"hydra.run.dir={tmp_path}/run")
-    assert res.returncode != 0 and "broken.png" in res.stderr and "not a readable image" in res.stderr
+    with pytest.raises(ValueError, match="broken.png") as err:
+        sample(run_task, tmp_path / "run", "model=tiny", f"init_image={bad}", "strength=0.5", "~logger")
+    assert "not a readable image" in str(err.value)
 
 
-def test_img2img_from_an_image_file(tmp_path):
+def test_img2img_from_an_image_file(run_task, tmp_path):
     img = tmp_path / "init.png"
     Image.new("RGB", (40, 40), (200, 30, 30)).save(img)
     out = tmp_path / "run"
-    res = run_py("model=tiny", "steps=4", f"init_image={img}", "strength=0.5", "~logger", f"hydra.run.dir={out}")
-    assert res.returncode == 0, res.stderr[-3000:]
+    sample(run_task, out, "model=tiny", "steps=4", f"init_image={img}", "strength=0.5", "~logger")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["network_evaluations_per_batch"] == 2  # round(0.5 * 4) steps
 

@@ -6,9 +6,7 @@ import functools
 
 import pytest
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import open_dict
 from torch import nn
 
 from sgm.diffusion.loss import StandardDiffusionLoss
@@ -16,11 +14,11 @@ from sgm.diffusion.noise import gaussian, seeded_generators
 from sgm.engine import DiffusionEngine
 from sgm.networks.wrapper import OpenAIWrapper
 from sgm.tasks.callbacks import SampleImages, SaveFinalWeights
-from sgm.tasks.common import build_engine, compose, instantiate_callbacks
+from sgm.tasks.common import build_engine, instantiate_callbacks
 
 
 @pytest.fixture(scope="module")
-def tiny_cfg():
+def tiny_cfg(compose):
     return compose("sample", ["model=tiny"])
 
 
@@ -66,7 +64,7 @@ def test_compile_model_keeps_the_original_state_dict_keys(tiny_cfg, tiny):
     assert set(compiled.state_dict()) == set(tiny.state_dict())
 
 
-def test_loss_optimizer_and_schedule_reach_the_engine_through_its_constructor():
+def test_loss_optimizer_and_schedule_reach_the_engine_through_its_constructor(compose):
     cfg = compose("train", ["model=tiny", "lr_scheduler=cosine"])
     engine = build_engine(cfg.model, cfg.weights, loss_fn=cfg.loss, optimizer=cfg.optimizer,
                           lr_scheduler=cfg.lr_scheduler)
@@ -81,23 +79,6 @@ def test_sgm_optimizer_config_is_honoured(tiny_cfg):
     assert isinstance(engine.optimizer_factory, functools.partial)
     opt = engine.optimizer_factory([nn.Parameter(torch.zeros(1))])
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == 0.5
-
-
-@pytest.fixture
-def hydra_runtime(tmp_path):
-    """HydraConfig set as in a run into ``tmp_path`` (the callbacks' paths interpolate it)."""
-
-    def set_for(config, overrides):
-        cfg = compose(config, overrides, hydra=True)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(tmp_path)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return cfg
-
-    yield set_for
-    HydraConfig.instance().cfg = None
 
 
 def test_validation_samples_follow_the_runs_sampler_guider_and_schedule(hydra_runtime, tiny, tmp_path):

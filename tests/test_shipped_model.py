@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from safetensors import safe_open
 
@@ -12,18 +11,12 @@ from sgm import asset
 from sgm.metrics.digits import DIGIT_WORDS, DigitMetrics
 from sgm.tasks.common import build_engine
 
-ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = Path(asset("digits.safetensors"))
 
 
-def _compose(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="sample", overrides=list(overrides))
-
-
 @pytest.fixture(scope="module")
-def cfg():
-    return _compose()
+def cfg(compose):
+    return compose("sample")
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +50,20 @@ def test_shipped_file_is_small_single_file_in_the_original_layout(cfg, shipped):
     assert all(p.dtype == torch.float32 for p in shipped.parameters())  # weights.dtype=float32
 
 
-def test_default_settings_draw_the_prompted_digits(cfg, shipped):
+@pytest.mark.slow  # 250 images at the default 30 steps
+def test_default_settings_draw_the_prompted_digits(compose, cfg, shipped):
     """The default run's prompts and sampler, 20 seeds each: the classifier agrees >= 95%."""
     prompts = [p for p in cfg.prompts for _ in range(20)]
     images = _sample(shipped, cfg, prompts, list(range(len(prompts))))
     metrics = DigitMetrics()(images, prompts)
     assert metrics["accuracy"] >= 0.95, metrics
-    untrained_cfg = _compose("weights.checkpoint=null", "weights.random=true")
+    untrained_cfg = compose("sample", ["weights.checkpoint=null", "weights.random=true"])
     untrained = build_engine(untrained_cfg.model, untrained_cfg.weights, seed=0)
     baseline = DigitMetrics()(_sample(untrained, cfg, prompts[::4], list(range(0, len(prompts), 4))), prompts[::4])
     assert metrics["frechet_distance"] < 0.1 * baseline["frechet_distance"], (metrics, baseline)
 
 
+@pytest.mark.slow  # 50 images at the default 30 steps
 def test_numerals_and_words_name_the_same_digit(cfg, shipped):
     prompts = [f"a handwritten digit {d}" for d in range(10) for _ in range(5)]
     images = _sample(shipped, cfg, prompts, list(range(100, 150)))

@@ -1,4 +1,5 @@
-"""train.py end to end on the tiny model: full training, LoRA, W&B, resume, sampling with the LoRA."""
+"""train.py end to end on the tiny model (in-process through conftest.run_task): full training,
+LoRA, W&B, resume, sampling with the LoRA; DDP and a multirun through the real script."""
 
 import csv
 import subprocess
@@ -11,19 +12,25 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 
-from test_run import run_py, wandb_records
+from test_run import sample, wandb_records
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
 
 
 def train_py(*args, timeout=600):
+    """``python train.py ARGS`` as a new process: only for what needs the script itself (DDP, -m)."""
     env = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
            "HOME": str(Path.home())}
     flags = [a for a in args if a.startswith("-")]
     overrides = [a for a in args if not a.startswith("-")]
     return subprocess.run([sys.executable, "train.py", *flags, "progress=false", "cpu_threads=1", *overrides], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def train(run_task, out: Path, *overrides: str):
+    """``python train.py progress=false cpu_threads=1 OVERRIDES hydra.run.dir=OUT`` in-process."""
+    return run_task("train", ["progress=false", "cpu_threads=1", *overrides], out)
 
 
 def val_losses(run_dir: Path) -> list[float]:
@@ -52,17 +59,17 @@ def images(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def base_model(images, tmp_path_factory) -> Path:
+def base_model(run_task, images, tmp_path_factory) -> Path:
     """Full training (all UNet weights) of the tiny model: the base the LoRA tests start from."""
     out = tmp_path_factory.mktemp("full") / "run"
-    res = train_py("~lora", "~logger", "output_name=model.safetensors", f"data.root={images}", "trainer.max_steps=30",
-                   "optimizer.lr=1e-3", *COMMON, f"hydra.run.dir={out}")
-    assert res.returncode == 0, res.stderr[-3000:]
-    log = res.stdout + res.stderr
+    train(run_task, out, "~lora", "~logger", "output_name=model.safetensors", f"data.root={images}",
+          "trainer.max_steps=30", "optimizer.lr=1e-3", *COMMON)
+    log = (out / "train.log").read_text()  # the job's log, as Hydra keeps it
     assert "broken.png" in log and "1 skipped" in log  # the corrupt file is named and counted
     return out
 
 
+@pytest.mark.slow
 def test_full_training_lowers_the_validation_loss_and_writes_a_loadable_model(base_model):
     losses = val_losses(base_model)
     assert len(losses) == 3 and losses[-1] < 0.8 * losses[0], losses
@@ -71,13 +78,14 @@ def test_full_training_lowers_the_validation_loss_and_writes_a_loadable_model(ba
     assert "model.diffusion_model.out.2.weight" in keys and "lora_network" not in " ".join(keys)
 
 
-def test_lora_training_logs_to_wandb_and_writes_a_kohya_file(images, base_model, tmp_path):
+@pytest.mark.slow
+def test_lora_training_logs_to_wandb_and_writes_a_kohya_file(run_task, images, base_model, tmp_path):
     out = tmp_path / "run"
-    res = train_py(f"weights.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}",
-                   "trainer.max_steps=30", "optimizer.lr=3e-3", *COMMON, "validation.sample_every_n_steps=15",
-                   "validation.steps=3", f"hydra.run.dir={out}")
-    assert res.returncode == 0, res.stderr[-3000:]
+    metrics, _ = train(run_task, out, f"weights.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}",
+                       "trainer.max_steps=30", "optimizer.lr=3e-3", *COMMON, "validation.sample_every_n_steps=15",
+                       "validation.steps=3")
     losses = val_losses(out)
+    assert metrics["val/loss"] == pytest.approx(losses[-1])  # what run() returns: the last logged values
     assert losses[-1] < losses[0], losses
     with safe_open(str(out / "lora.safetensors"), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
@@ -92,37 +100,35 @@ def test_lora_training_logs_to_wandb_and_writes_a_kohya_file(images, base_model,
     assert {"train/loss", "val/loss"} <= keys and any(k.startswith("samples/grid") for k in keys)
 
 
-def test_sampling_with_the_trained_lora(images, base_model, tmp_path):
+@pytest.mark.slow
+def test_sampling_with_the_trained_lora(run_task, images, base_model, tmp_path):
     lora_run = tmp_path / "lora"
-    res = train_py(f"weights.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}", "~logger",
-                   "trainer.max_steps=10", "optimizer.lr=1e-2", *COMMON, f"hydra.run.dir={lora_run}")
-    assert res.returncode == 0, res.stderr[-3000:]
+    train(run_task, lora_run, f"weights.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}",
+          "~logger", "trainer.max_steps=10", "optimizer.lr=1e-2", *COMMON)
 
-    def sample(name, *extra):
+    def image(name, *extra):
         out = tmp_path / name
-        r = run_py("model=tiny", f"weights.checkpoint={base_model / 'model.safetensors'}", "steps=4", "~logger",
-                   "prompt=a red square", *extra, f"hydra.run.dir={out}")
-        assert r.returncode == 0, r.stderr[-3000:]
+        sample(run_task, out, "model=tiny", f"weights.checkpoint={base_model / 'model.safetensors'}", "steps=4",
+               "~logger", "prompt=a red square", *extra)
         return torch.tensor(np.asarray(Image.open(out / "00000.png")), dtype=torch.float32)
 
-    base = sample("base")
-    with_lora = sample("with", f"lora.files=[{lora_run / 'lora.safetensors'}]", "lora.strengths=[1.0]")
-    zero = sample("zero", f"lora.files=[{lora_run / 'lora.safetensors'}]", "lora.strengths=[0.0]")
+    base = image("base")
+    with_lora = image("with", f"lora.files=[{lora_run / 'lora.safetensors'}]", "lora.strengths=[1.0]")
+    zero = image("zero", f"lora.files=[{lora_run / 'lora.safetensors'}]", "lora.strengths=[0.0]")
     assert torch.equal(zero, base)
     assert (with_lora - base).abs().max() > 0
 
 
-def test_interrupted_then_resumed_run_ends_with_the_same_weights(images, base_model, tmp_path):
+@pytest.mark.slow
+def test_interrupted_then_resumed_run_ends_with_the_same_weights(run_task, images, base_model, tmp_path):
     args = [f"weights.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}", "~logger",
             "optimizer.lr=3e-3", "lora.dropout=0.1", "data.caption_dropout=0.2", "data.random_crop=true",
             "data.flip=true", "data.val_fraction=0.25", "data.batch_size=2", "validation.sample_every_n_steps=0",
             "validation.every_n_steps=100", "checkpoint_every_n_steps=5"]
     full, part, resumed = tmp_path / "full", tmp_path / "part", tmp_path / "resumed"
-    assert train_py(*args, "trainer.max_steps=12", f"hydra.run.dir={full}").returncode == 0
-    assert train_py(*args, "trainer.max_steps=5", f"hydra.run.dir={part}").returncode == 0
-    res = train_py(*args, "trainer.max_steps=12", f"resume={part / 'checkpoints' / 'last.ckpt'}",
-                   f"hydra.run.dir={resumed}")
-    assert res.returncode == 0, res.stderr[-3000:]
+    train(run_task, full, *args, "trainer.max_steps=12")
+    train(run_task, part, *args, "trainer.max_steps=5")
+    train(run_task, resumed, *args, "trainer.max_steps=12", f"resume={part / 'checkpoints' / 'last.ckpt'}")
     ckpt = torch.load(part / "checkpoints" / "last.ckpt", weights_only=False)
     assert all(k.startswith("lora_network.") for k in ckpt["state_dict"]), "adapter-only checkpoints"
     with safe_open(str(full / "lora.safetensors"), "pt") as a, safe_open(str(resumed / "lora.safetensors"), "pt") as b:
@@ -131,25 +137,23 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(images, base_mo
             torch.testing.assert_close(a.get_tensor(k), b.get_tensor(k), rtol=0, atol=1e-6, msg=k)
 
 
-def test_cached_latents_train_and_text_encoder_lora_is_refused_with_them(images, base_model, tmp_path):
+def test_cached_latents_train_and_text_encoder_lora_is_refused_with_them(run_task, images, tmp_path):
     cache = tmp_path / "cache"
     out = tmp_path / "run"
-    res = train_py(f"weights.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}", "~logger",
-                   "cache_latents=true", f"data.cache_dir={cache}", "trainer.max_steps=4", "data.caption_dropout=0.3",
-                   "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.5",
-                   *COMMON, f"hydra.run.dir={out}")
-    assert res.returncode == 0, res.stderr[-3000:]
+    train(run_task, out, f"data.root={images}", "~logger",  # random tiny weights: no trained base needed
+          "cache_latents=true", f"data.cache_dir={cache}", "trainer.max_steps=4", "data.caption_dropout=0.3",
+          "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.5", *COMMON)
     assert len(list(cache.rglob("*.safetensors"))) == 12 and (out / "lora.safetensors").is_file()
-    res = train_py(f"data.root={images}", "~logger", "lora=text_encoders", "cache_latents=true",
-                   f"data.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'refused'}")
-    assert res.returncode != 0 and "cache_latents" in res.stderr
+    with pytest.raises(ValueError, match="cache_latents"):
+        train(run_task, tmp_path / "refused", f"data.root={images}", "~logger", "lora=text_encoders",
+              "cache_latents=true", f"data.cache_dir={cache}")
 
 
-def test_bad_training_input_fails_early(tmp_path):
-    res = train_py(f"data.root={tmp_path / 'nowhere'}", "~logger", f"hydra.run.dir={tmp_path / 'run'}")
-    assert res.returncode != 0 and "nowhere" in res.stderr
-    res = train_py(f"data.root={tmp_path}", "~logger", "resume=/nonexistent.ckpt", f"hydra.run.dir={tmp_path / 'r2'}")
-    assert res.returncode != 0 and "nonexistent.ckpt" in res.stderr
+def test_bad_training_input_fails_early(run_task, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        train(run_task, tmp_path / "run", f"data.root={tmp_path / 'nowhere'}", "~logger")
+    with pytest.raises(FileNotFoundError, match="nonexistent.ckpt"):
+        train(run_task, tmp_path / "r2", f"data.root={tmp_path}", "~logger", "resume=/nonexistent.ckpt")
 
 
 @pytest.mark.slow

@@ -16,8 +16,6 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 
@@ -25,11 +23,12 @@ import sgm.checkpoint
 import sgm.tasks.common
 import sgm.tasks.wandb_logger
 from sgm.tasks.checkpoint_io import AtomicCheckpointIO
-from sgm.tasks.common import compose
 from sgm.tasks.csv_log import AppendingWriter
 from sgm.tasks.resume import (ResumeGuard, ResumeRefused, ResumeRefusedExit, find_resume, read_resume_point,
                               run_identity)
 from sgm.tasks.train import build_datamodule, run
+
+from conftest import run_task
 
 TINY = ["model=tiny", "~logger", "progress=false", "cpu_threads=1", "trainer.max_steps=4", "checkpoint_every_n_steps=2",
         "keep_checkpoints=-1", "validation.every_n_steps=0", "validation.sample_every_n_steps=0", "data.batch_size=2",
@@ -49,32 +48,9 @@ def images(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def clean_hydra():
-    yield
-    HydraConfig.instance().cfg = None
-
-
-def make_cfg(out_dir: Path, overrides: list[str]) -> DictConfig:
-    """The task config ``python train.py OVERRIDES hydra.run.dir=out_dir`` gets, HydraConfig set."""
-    cfg = compose("train", overrides, hydra=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
-def train(out_dir: Path, images: Path, *overrides: str, extra_callbacks: dict | None = None,
-          base: list[str] = TINY) -> dict[str, Any]:
-    """A tiny in-process training run in ``out_dir``."""
-    cfg = make_cfg(out_dir, [*base, f"data.root={images}", *overrides])
-    if extra_callbacks:
-        with open_dict(cfg):
-            cfg.callbacks.update(extra_callbacks)
-    return run(cfg)
+def train(out_dir: Path, images: Path, *overrides: str, base: list[str] = TINY) -> dict[str, Any]:
+    """A tiny in-process training run in ``out_dir`` (``python train.py BASE data.root=IMAGES OVERRIDES``)."""
+    return run_task("train", [*base, f"data.root={images}", *overrides], out_dir)[0]
 
 
 def steps_logged(out_dir: Path) -> list[int]:
@@ -138,27 +114,28 @@ BAD = [
 
 @pytest.mark.parametrize("overrides, error, message", BAD, ids=[" ".join(b[0]) for b in BAD])
 def test_a_bad_input_fails_naming_it_before_any_weight_file_is_read(overrides, error, message, images, broken_only,
-                                                                     tmp_path, no_weights):
+                                                                     tmp_path, no_weights, hydra_runtime):
     empty = tmp_path / "empty"
     empty.mkdir()
     named = {"EMPTY": str(empty), "BROKEN": str(broken_only)}
     overrides = [o.split("=")[0] + "=" + named.get(o.split("=", 1)[1], o.split("=", 1)[1]) for o in overrides]
-    cfg = make_cfg(tmp_path / "run", ["model=digits", "~logger", "progress=false", f"data.root={images}", *overrides])
+    cfg = hydra_runtime("train", ["model=digits", "~logger", "progress=false", f"data.root={images}", *overrides],
+                        tmp_path / "run")
     start = time.perf_counter()
     with pytest.raises(error, match=message):
         run(cfg)
     assert time.perf_counter() - start < 5.0  # no model was built
 
 
-def test_a_good_config_would_read_the_weights_next(images, tmp_path, no_weights):
+def test_a_good_config_would_read_the_weights_next(images, tmp_path, no_weights, hydra_runtime):
     """The guard of the test above works: with nothing wrong, the next thing is reading weights."""
-    cfg = make_cfg(tmp_path / "run", ["model=digits", "~logger", "progress=false", f"data.root={images}"])
+    cfg = hydra_runtime("train", ["model=digits", "~logger", "progress=false", f"data.root={images}"], tmp_path / "run")
     with pytest.raises(AssertionError, match="a weight file was read"):
         run(cfg)
 
 
-def test_aspect_buckets_follow_the_models_size_multiple(images, tmp_path):
-    cfg = make_cfg(tmp_path, ["model=tiny", f"data.root={images}", "data.buckets=true", "data.resolution=32"])
+def test_aspect_buckets_follow_the_models_size_multiple(images, hydra_runtime):
+    cfg = hydra_runtime("train", ["model=tiny", f"data.root={images}", "data.buckets=true", "data.resolution=32"])
     dm = build_datamodule(cfg.data, 8)
     assert dm.bucket_step == 8 and all(h % 8 == 0 and w % 8 == 0 for h, w in dm.bucket_sizes)
     assert (32, 32) in dm.bucket_sizes and len(dm.bucket_sizes) > 1
@@ -191,7 +168,6 @@ def trained(images, tmp_path_factory) -> Path:
     """A finished 4-step LoRA run with checkpoints at steps 2 and 4 (and last.ckpt)."""
     out = tmp_path_factory.mktemp("trained") / "run"
     train(out, images)
-    HydraConfig.instance().cfg = None
     return out
 
 
@@ -201,11 +177,11 @@ def copy_run(trained: Path, tmp_path: Path) -> Path:
     return out
 
 
-def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(trained, images, tmp_path, caplog):
+def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(trained, images, tmp_path, caplog, hydra_runtime):
     out = copy_run(trained, tmp_path)
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step-000002.ckpt", "step-000004.ckpt"]
-    identity = run_identity(make_cfg(out, [*TINY, f"data.root={images}"]))
+    identity = run_identity(hydra_runtime("train", [*TINY, f"data.root={images}"], out))
     truncate(ckpts / "last.ckpt")
     with caplog.at_level(logging.WARNING):
         point = find_resume("auto", out, identity)
@@ -236,7 +212,7 @@ def test_a_run_resumed_past_a_truncated_last_ckpt_continues_its_folder(trained, 
 
 # -- 3. resume=auto continues only its own config's run ------------------------------------------
 
-def test_resume_auto_refuses_a_checkpoint_of_another_config(trained, images, tmp_path):
+def test_resume_auto_refuses_a_checkpoint_of_another_config(trained, images, tmp_path, hydra_runtime):
     out = copy_run(trained, tmp_path)
     with pytest.raises(ResumeRefused) as err:
         train(out, images, "resume=auto", "optimizer.lr=0.01", "lora.rank=4")
@@ -244,15 +220,15 @@ def test_resume_auto_refuses_a_checkpoint_of_another_config(trained, images, tmp
     assert "last.ckpt" in text and "optimizer.lr: 0.0001 -> 0.01" in text and "lora.rank: 2 -> 4" in text
     assert "hydra.run.dir=NEW_FOLDER" in text and "resume=" in text and "max_steps" not in text
     # not compared: how long it runs, how many workers load the data
-    same = run_identity(make_cfg(out, [*TINY, f"data.root={images}", "trainer.max_steps=50", "data.num_workers=2",
-                                       "validation.every_n_steps=7"]))
+    same = run_identity(hydra_runtime("train", [*TINY, f"data.root={images}", "trainer.max_steps=50",
+                                                "data.num_workers=2", "validation.every_n_steps=7"], out))
     assert find_resume("auto", out, same).step == 4
     # resume=PATH is an explicit choice: a warning, not a refusal
-    other = run_identity(make_cfg(out, [*TINY, f"data.root={images}", "optimizer.lr=0.01"]))
+    other = run_identity(hydra_runtime("train", [*TINY, f"data.root={images}", "optimizer.lr=0.01"], out))
     assert find_resume(str(out / "checkpoints" / "last.ckpt"), out, other).step == 4
 
 
-def test_the_hydra_guard_refuses_before_hydra_writes(trained, images, tmp_path):
+def test_the_hydra_guard_refuses_before_hydra_writes(compose, trained, images, tmp_path):
     out = copy_run(trained, tmp_path)
     config = compose("train", [*TINY, f"data.root={images}", "resume=auto", "optimizer.lr=0.01",
                                f"hydra.run.dir={out}"], hydra=True)
@@ -314,7 +290,6 @@ def straight(images, tmp_path_factory) -> Path:
     """A 6-step run, never interrupted."""
     out = tmp_path_factory.mktemp("straight") / "run"
     train(out, images, "trainer.max_steps=6", "checkpoint_every_n_steps=4")
-    HydraConfig.instance().cfg = None
     return out
 
 
@@ -331,8 +306,9 @@ def test_ctrl_c_saves_a_resumable_checkpoint_the_adapter_and_says_how_to_resume(
     out = tmp_path / "run"
     handler = signal.getsignal(signal.SIGINT)
     with caplog.at_level(logging.WARNING), pytest.raises(SystemExit):
-        train(out, images, "trainer.max_steps=6", "checkpoint_every_n_steps=4",
-              extra_callbacks={"ctrl_c": {"_target_": f"{__name__}.CtrlCAt", "step": 3, "inside": inside}})
+        train(out, images, "trainer.max_steps=6", "checkpoint_every_n_steps=4",  # one more callback, as on the CLI
+              f"+callbacks.ctrl_c._target_={__name__}.CtrlCAt", "+callbacks.ctrl_c.step=3",
+              f"+callbacks.ctrl_c.inside={str(inside).lower()}")
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C works again after the run
     assert read_resume_point(out / "checkpoints" / "last.ckpt").step == 3
     assert (out / "lora.safetensors").is_file()
