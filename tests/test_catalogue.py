@@ -183,4 +183,25 @@ def test_an_invalid_wandb_mode_is_named_before_any_model(hydra_runtime, no_weigh
 
 
 def test_the_catalogue_is_at_least_forty_cases():
-    assert len(CASES) + 4 >= 40
+    assert len(CASES) + 5 >= 40
+
+
+def test_credentials_without_a_reachable_server_go_offline_within_seconds(monkeypatch, tmp_path, caplog):
+    """A ~/.netrc or WANDB_API_KEY on a node without internet: a refused port, then offline."""
+    import socket
+    import time
+
+    from sgm.tasks.wandb_logger import make_wandb_logger
+
+    with socket.socket() as s:  # a port nobody listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    start = time.perf_counter()
+    with caplog.at_level("WARNING", logger="sgm.tasks.wandb_logger"):
+        logger = make_wandb_logger(save_dir=str(tmp_path), mode="auto")
+    assert time.perf_counter() - start < 10
+    assert logger is not None and logger._offline
+    assert any("not reachable" in r.getMessage() and "wandb sync" in r.getMessage() for r in caplog.records)
