@@ -56,6 +56,18 @@ def test_every_training_option_composes_and_instantiates(group):
         assert type(obj).__module__.startswith("sgm."), (group, name, obj)
 
 
+def test_sgm_compose_gives_the_runs_config():
+    from sgm.tasks.common import CONF_DIR
+    from sgm.tasks.common import compose as sgm_compose
+
+    assert CONF_DIR == CONF
+    cfg = sgm_compose("sample", ["model=tiny", "steps=3"])
+    assert cfg == _compose(["model=tiny", "steps=3"])
+    assert cfg.steps == 3 and cfg.weights.random
+    assert Path(sgm_compose("sample").weights.checkpoint).is_file()  # ${sgm.asset:NAME} resolves
+    assert "lora" in sgm_compose("train", ["model=tiny"])
+
+
 def test_edm_defaults_to_the_models_trained_range():
     disc = instantiate(_compose(["discretization=edm"]).discretization)
     assert (disc.sigma_min, disc.sigma_max, disc.rho) == (0.0292, 14.6146, 3.0)

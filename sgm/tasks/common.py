@@ -1,13 +1,16 @@
-"""What run.py and train.py share: building the engine, runtime switches, run folder, logger, callbacks."""
+"""What run.py and train.py share: the config, the engine, runtime switches, run folder, logger, callbacks."""
 
 from __future__ import annotations
 
 import logging
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -20,6 +23,20 @@ from ..engine import DiffusionEngine
 from ..networks.sizes import check_pixel_size, config_pixel_multiple
 
 log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's config tree (run.py's config_path)
+
+
+def compose(config_name: str = "sample", overrides: Sequence[str] = ()) -> DictConfig:
+    """``conf/<config_name>.yaml`` with command-line style ``overrides``, as run.py / train.py compose it.
+
+    For scripts and tests, outside a running Hydra app; sgm's resolvers are registered first.
+    """
+    if not CONF_DIR.is_dir():
+        raise FileNotFoundError(f"no config tree at {CONF_DIR}: compose() needs the repository checkout")
+    sgm.register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
 def check_weights(weights: Any, what: str = "model") -> Path | None:
