@@ -12,7 +12,8 @@ def asset(name: str) -> str:
     return str(ASSETS / name)
 
 
-def _register_resolvers() -> None:
+def register_resolvers() -> None:
+    """Register sgm's OmegaConf resolvers (``${sgm.asset:NAME}``); idempotent, done on import."""
     try:
         from omegaconf import OmegaConf
     except ImportError:  # pragma: no cover - omegaconf is a dependency
@@ -25,4 +26,4 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("sgm.run_dir", run_dir, use_cache=True)
 
 
-_register_resolvers()
+register_resolvers()

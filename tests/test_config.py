@@ -85,6 +85,18 @@ def test_every_training_option_composes_and_instantiates(compose, group):
         assert type(obj).__module__.startswith("sgm."), (group, name, obj)
 
 
+def test_sgm_compose_gives_the_runs_config(compose):
+    from sgm.tasks.common import CONF_DIR
+    from sgm.tasks.common import compose as sgm_compose
+
+    assert CONF_DIR == CONF
+    cfg = sgm_compose("sample", ["model=tiny", "steps=3"])
+    assert cfg == compose("sample", ["model=tiny", "steps=3"])
+    assert cfg.steps == 3 and cfg.weights.random
+    assert Path(sgm_compose("sample").weights.checkpoint).is_file()  # ${sgm.asset:NAME} resolves
+    assert "lora" in sgm_compose("train", ["model=tiny"])
+
+
 def test_edm_defaults_to_the_models_trained_range(compose):
     disc = instantiate(compose("sample", ["discretization=edm"]).discretization)
     assert (disc.sigma_min, disc.sigma_max, disc.rho) == (0.0292, 14.6146, 3.0)

@@ -1,13 +1,16 @@
-"""What run.py and train.py share: building the engine, runtime switches, run folder, logger, callbacks."""
+"""What run.py and train.py share: the config, the engine, runtime switches, run folder, logger, callbacks."""
 
 from __future__ import annotations
 
 import logging
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -20,6 +23,21 @@ from ..engine import DiffusionEngine
 from ..networks.sizes import check_pixel_size, config_pixel_multiple
 
 log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's config tree (run.py's config_path)
+
+
+def compose(config_name: str = "sample", overrides: Sequence[str] = (), hydra: bool = False) -> DictConfig:
+    """``conf/<config_name>.yaml`` with command-line style ``overrides``, as run.py / train.py compose it.
+
+    For scripts and tests, outside a running Hydra app; sgm's resolvers are registered first.
+    ``hydra=True`` keeps the ``hydra`` node (to set ``HydraConfig`` for an in-process run).
+    """
+    if not CONF_DIR.is_dir():
+        raise FileNotFoundError(f"no config tree at {CONF_DIR}: compose() needs the repository checkout")
+    sgm.register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=hydra)
 
 
 def check_weights(weights: Any, what: str = "model") -> Path | None:
@@ -127,19 +145,3 @@ def instantiate_callbacks(nodes: Any, **runtime: Any) -> list:
             raise ValueError(f"callbacks.{name} needs {sorted(unknown)}, which this task does not provide")
         callbacks.append(instantiate(node, **{k: runtime[k] for k in wanted}))
     return callbacks
-
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-
-def compose(config_name: str = "sample", overrides: Sequence[str] = (), hydra: bool = False) -> DictConfig:
-    """The run config ``python run.py|train.py OVERRIDES`` would get (``conf/``), composed in-process.
-
-    ``hydra=True`` keeps the ``hydra`` node (for :func:`use_hydra_config`). Tests, benchmarks
-    and experiments compose through here.
-    """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=hydra)
