@@ -1,5 +1,6 @@
 """The math of diffusion, without weights: schedules, preconditioning, guidance, samplers, losses."""
 
+from .autoguidance import AutoGuidance
 from .brownian import BrownianTreeNoise
 from .denoiser import Denoiser, DiscreteDenoiser
 from .discretization import EDMDiscretization, LegacyDDPMDiscretization, make_beta_schedule
