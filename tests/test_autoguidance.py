@@ -202,7 +202,6 @@ def _diffusers_autoguidance_steps(theirs, fqn, blocks, skip, idxs, x, inp, weak_
 
 
 MID = "mid_block.attentions.0.transformer_blocks"  # TINY: two transformer blocks at the second level and mid
-SLOW = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -212,10 +211,9 @@ def theirs_unet(nets):  # noqa: F811
 
 @pytest.mark.parametrize("skip, ours, fqn, blocks, weak_conditioning, stop", [
     ("attention", ["mid"], MID, [0, 1], "uncond", 1.0),
-    pytest.param("attention_scores", ["mid"], MID, [0, 1], "uncond", 1.0, marks=SLOW),
+    ("attention_scores", ["mid"], MID, [0, 1], "uncond", 1.0),
     ("attention", [f"{MID}.1"], MID, [1], "cond", 1.0),
-    pytest.param("attention", ["down_blocks.1.attentions.0"], "down_blocks.1.attentions.0.transformer_blocks", [0, 1],
-                 "cond", 1.0, marks=SLOW),
+    ("attention", ["down_blocks.1.attentions.0"], "down_blocks.1.attentions.0.transformer_blocks", [0, 1], "cond", 1.0),
     ("attention_scores", ["up.block_0.attentions_1"], "up_blocks.0.attentions.1.transformer_blocks", [0, 1], "cond",
      1.0),
     ("attention", ["mid"], MID, [0, 1], "uncond", 0.5),  # the guidance interval against diffusers' stop
