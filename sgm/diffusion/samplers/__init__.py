@@ -21,6 +21,8 @@ Crowson's k-diffusion for the ancestral and linear multistep formulations.
 
 from .ancestral import AncestralSampler, DPMPP2SAncestralSampler, EulerAncestralSampler
 from .base import BaseDiffusionSampler, Callback, DenoiseFn, get_ancestral_step, linear_multistep_coeff
+from .consistency import LCMSampler, TCDSampler
+from .ddpm import DDIMSampler, DDPMSampler
 from .dpmpp import DPMPP2MSampler, DPMPP2MSDESampler
 from .karras import EulerEDMSampler, HeunEDMSampler
 from .lms import LinearMultistepSampler
