@@ -2,7 +2,7 @@
 
 from .brownian import BrownianTreeNoise
 from .denoiser import Denoiser, DiscreteDenoiser
-from .discretization import EDMDiscretization, LegacyDDPMDiscretization, make_beta_schedule
+from .discretization import (AlignYourStepsDiscretization, BetaDiscretization, DDIMUniformDiscretization, EDMDiscretization, ExponentialDiscretization, KLOptimalDiscretization, LegacyDDPMDiscretization, LinearQuadraticDiscretization, NormalDiscretization, PolyExponentialDiscretization, SGMUniformDiscretization, SimpleDiscretization, VPDiscretization, make_beta_schedule)  # noqa: E501
 from .guiders import DynamicThresholding, IdentityGuider, IntervalCFG, RescaledCFG, VanillaCFG
 from .loss import StandardDiffusionLoss
 from .loss_weighting import EDMWeighting, EpsWeighting, MinSNRWeighting, UnitWeighting, VWeighting
