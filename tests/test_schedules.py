@@ -439,3 +439,15 @@ def test_zero_snr_v_prediction_samples_from_sigma_4096_without_nan(compose, zsnr
                          callback=lambda info: first.setdefault("x0", info["denoised"]))
     assert torch.isfinite(out).all() and out.abs().max() < 10
     torch.testing.assert_close(first["x0"], -v[0], rtol=0, atol=2e-3)  # x0 = -v at (near) infinite sigma
+
+
+@pytest.mark.slow
+def test_a_run_samples_over_the_models_levels(run_task, tmp_path):
+    """``python run.py discretization=beta``: the engine hands its denoiser's levels to the schedule."""
+    import json
+
+    out = tmp_path / "run"
+    run_task("sample", ["progress=false", "steps=8", "discretization=beta"], out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 10 and metrics["network_evaluations_per_batch"] == 8
+    assert metrics["accuracy"] >= 0.8

@@ -135,8 +135,8 @@ class LinearQuadraticDiscretization(Discretization):
     """Mochi's linear-quadratic schedule (Genmo 2024), as ComfyUI's ``linear_quadratic``, scaled by sigma_max.
 
     In flow time s in [0, 1]: the first ``linear_steps`` (default n // 2) steps go linearly
-    from 1 down to 1 - threshold_noise, the rest follow the quadratic through that point
-    (with the same slope) to 0 at step n; sigma_i = sigma_max * s_i. ``sigma_max`` None is
+    from 1 toward 1 - threshold_noise (reached at step linear_steps), the rest follow the
+    quadratic through that point (with the same slope) to 0 at step n; sigma_i = sigma_max * s_i. ``sigma_max`` None is
     the model's. Only sigma_max is used: the last sigma before 0 is sigma_max * s_{n-1}.
     """
 

@@ -27,6 +27,14 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return 1.0 - alphas
 
 
+def check_spacing(spacing: str, steps_offset: int) -> None:
+    """Raise naming the parameter for an unknown spacing, or a steps_offset it does not take."""
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, got {spacing!r}")
+    if steps_offset and spacing != "leading":
+        raise ValueError(f"steps_offset applies to timestep_spacing 'leading' only, not {spacing!r}")
+
+
 def spaced_timesteps(spacing: str, n: int, num_timesteps: int, steps_offset: int = 0) -> np.ndarray:
     """The ``n`` timesteps (descending; fractional for ``linspace``) of a DDPM timestep spacing.
 
@@ -40,12 +48,9 @@ def spaced_timesteps(spacing: str, n: int, num_timesteps: int, steps_offset: int
     ``steps_offset`` belongs to ``leading`` only, as in diffusers.
     """
     n, total = check_steps(n), num_timesteps
-    if spacing not in TIMESTEP_SPACINGS:
-        raise ValueError(f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, got {spacing!r}")
+    check_spacing(spacing, steps_offset)
     if n > total:
         raise ValueError(f"n ({n}) cannot exceed num_timesteps ({total})")
-    if steps_offset and spacing != "leading":
-        raise ValueError(f"steps_offset applies to timestep_spacing 'leading' only, not {spacing!r}")
     k = np.arange(n)
     if spacing == "sgm":
         if n == total:
@@ -88,13 +93,9 @@ class LegacyDDPMDiscretization(Discretization):
             raise ValueError("linear_start and linear_end are betas and must be < 1")
         self.num_timesteps = check_int("num_timesteps", num_timesteps)
         self.beta_schedule = beta_schedule
-        if timestep_spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, "
-                             f"got {timestep_spacing!r}")
-        self.timestep_spacing = timestep_spacing
         self.steps_offset = check_int("steps_offset", steps_offset, minimum=0)
-        if self.steps_offset and timestep_spacing != "leading":
-            raise ValueError(f"steps_offset applies to timestep_spacing 'leading' only, not {timestep_spacing!r}")
+        check_spacing(timestep_spacing, self.steps_offset)
+        self.timestep_spacing = timestep_spacing
         self.rescale_betas_zero_snr = bool(rescale_betas_zero_snr)
         betas = make_beta_schedule(beta_schedule, self.num_timesteps, self.linear_start, self.linear_end)
         if self.rescale_betas_zero_snr:
