@@ -2,7 +2,11 @@
 
 from .brownian import BrownianTreeNoise
 from .denoiser import Denoiser, DiscreteDenoiser
-from .discretization import EDMDiscretization, LegacyDDPMDiscretization, make_beta_schedule
+from .discretization import (AlignYourStepsDiscretization, BetaDiscretization, DDIMUniformDiscretization,
+                             EDMDiscretization, ExponentialDiscretization, KLOptimalDiscretization,
+                             LegacyDDPMDiscretization, LinearQuadraticDiscretization, NormalDiscretization,
+                             PolyExponentialDiscretization, SGMUniformDiscretization, SimpleDiscretization,
+                             VPDiscretization, make_beta_schedule)
 from .guiders import DynamicThresholding, IdentityGuider, IntervalCFG, RescaledCFG, VanillaCFG
 from .loss import StandardDiffusionLoss
 from .loss_weighting import EDMWeighting, EpsWeighting, MinSNRWeighting, UnitWeighting, VWeighting
