@@ -20,7 +20,8 @@ from .base import (BETA_SCHEDULES, Discretization, RangeDiscretization, make_bet
 from .continuous import (AYS_SIGMAS, AlignYourStepsDiscretization, EDMDiscretization,
                          ExponentialDiscretization, KLOptimalDiscretization, LinearQuadraticDiscretization,
                          PolyExponentialDiscretization, VPDiscretization, loglinear_interp)
-from .ddpm import (TIMESTEP_SPACINGS, ZERO_SNR_TERMINAL_ALPHA_CUMPROD, LegacyDDPMDiscretization,
+from .ddpm import (TIMESTEP_SPACINGS, ZERO_SNR_TERMINAL_ALPHA_CUMPROD, DDPMTimestepsDiscretization,
+                   LegacyDDPMDiscretization,
                    rescale_zero_terminal_snr, spaced_timesteps)
 from .table import (BetaDiscretization, DDIMUniformDiscretization, ModelTableDiscretization,
                     NormalDiscretization, SGMUniformDiscretization, SimpleDiscretization, as_table)

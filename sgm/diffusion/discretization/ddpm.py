@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import numpy as np
 import torch
 
@@ -129,3 +131,30 @@ class LegacyDDPMDiscretization(Discretization):
             f"LegacyDDPMDiscretization(linear_start={self.linear_start}, linear_end={self.linear_end}, "
             f"num_timesteps={self.num_timesteps}{extra})"
         )
+
+
+class DDPMTimestepsDiscretization(LegacyDDPMDiscretization):
+    """Given DDPM timesteps: an ``n``-step schedule visits the first ``n`` of ``timesteps``.
+
+    The default is the schedule of Stability's SDXL-Turbo sampler (``SubstepSampler`` of sgm's
+    turbo demo: indices 0, 100, 200, 300 of the 1000-level schedule, i.e. t = 999, 899, 799,
+    699; Sauer et al. 2023, "Adversarial Diffusion Distillation"), for 1 to 4 steps.
+    """
+
+    def __init__(self, timesteps: Sequence[int] = (999, 899, 799, 699), **kwargs: Any):
+        super().__init__(**kwargs)
+        steps = [check_int(f"timesteps[{i}]", t, minimum=0) for i, t in enumerate(timesteps)]
+        if not steps or any(a <= b for a, b in zip(steps, steps[1:])) or steps[0] >= self.num_timesteps:
+            raise ValueError(f"timesteps must be strictly descending DDPM timesteps below num_timesteps "
+                             f"({self.num_timesteps}), got {list(timesteps)}")
+        self.given_timesteps = steps
+
+    def timesteps(self, n: int) -> np.ndarray:
+        n = check_steps(n)
+        if n > len(self.given_timesteps):
+            raise ValueError(f"this schedule has {len(self.given_timesteps)} timesteps "
+                             f"({self.given_timesteps}); steps={n} asks for more: use steps<={len(self.given_timesteps)}")
+        return np.asarray(self.given_timesteps[:n][::-1])
+
+    def __repr__(self) -> str:
+        return f"DDPMTimestepsDiscretization(timesteps={self.given_timesteps})"
