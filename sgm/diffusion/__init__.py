@@ -1,6 +1,8 @@
 """The math of diffusion, without weights: schedules, preconditioning, guidance, samplers, losses."""
 
+from .apg import APGGuider
 from .brownian import BrownianTreeNoise
+from .cfg_zero_star import CFGZeroStarGuider
 from .denoiser import Denoiser, DiscreteDenoiser
 from .discretization import (AlignYourStepsDiscretization, BetaDiscretization, DDIMUniformDiscretization,
                              EDMDiscretization, ExponentialDiscretization, KLOptimalDiscretization,
@@ -11,6 +13,7 @@ from .guiders import DynamicThresholding, IdentityGuider, IntervalCFG, RescaledC
 from .loss import StandardDiffusionLoss
 from .loss_weighting import EDMWeighting, EpsWeighting, MinSNRWeighting, UnitWeighting, VWeighting
 from .pag import PAGGuider
+from .sag import SAGGuider
 from .samplers import (
     DPMPP2MSampler,
     DPMPP2MSDESampler,
