@@ -64,7 +64,8 @@ def test_groups_have_the_promised_files():
     assert {"edm", "ddpm"} <= set(_options("discretization"))
     assert {"identity", "cfg", "cfg_rescale", "cfg_interval"} <= set(_options("guider"))
     assert set(_options("sampler")) == {"euler", "heun", "euler_a", "dpmpp_2s_a", "dpmpp_2m", "dpmpp_2m_sde", "lms",
-                                        "ddpm", "ddim", "lcm", "tcd"}
+                                        "ddpm", "ddim", "lcm", "tcd",
+                                        "uni_pc", "uni_pc_bh2", "deis", "ipndm", "ipndm_v", "res_multistep"}
     assert _options("denoiser")
 
 

@@ -26,5 +26,7 @@ from .ddpm import DDIMSampler, DDPMSampler
 from .dpmpp import DPMPP2MSampler, DPMPP2MSDESampler
 from .karras import EulerEDMSampler, HeunEDMSampler
 from .lms import LinearMultistepSampler
+from .multistep import DEISSampler, IPNDMSampler, IPNDMVSampler, RESMultistepSampler
+from .unipc import UniPCSampler
 
 __all__ = [name for name in dir() if not name.startswith("_")]
