@@ -63,7 +63,8 @@ def _options(group):
 def test_groups_have_the_promised_files():
     assert {"edm", "ddpm"} <= set(_options("discretization"))
     assert {"identity", "cfg", "cfg_rescale", "cfg_interval"} <= set(_options("guider"))
-    assert set(_options("sampler")) == {"euler", "heun", "euler_a", "dpmpp_2s_a", "dpmpp_2m", "dpmpp_2m_sde", "lms"}
+    assert set(_options("sampler")) == {"euler", "heun", "euler_a", "dpmpp_2s_a", "dpmpp_2m", "dpmpp_2m_sde", "lms",
+                                      "restart", "er_sde", "heunpp2", "euler_cfg_pp", "euler_a_cfg_pp", "dpmpp_2m_cfg_pp"}
     assert _options("denoiser")
 
 
