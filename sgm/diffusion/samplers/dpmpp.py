@@ -22,19 +22,25 @@ class DPMPP2MSampler(BaseDiffusionSampler):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             denoised = self.guided_denoise(denoise, x, sigma, cond, uc)
             self._report(callback, i=i, sigma=sigma, sigma_hat=sigma, sigma_next=sigma_next, x=x, denoised=denoised)
-            if sigma_next == 0:
-                x = denoised
-            else:
-                t, t_next = -math.log(sigma), -math.log(sigma_next)
-                h = t_next - t
-                if old_denoised is None:
-                    d = denoised
-                else:
-                    r = (t - (-math.log(sigmas[i - 1]))) / h
-                    d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-                x = (sigma_next / sigma) * x - math.expm1(-h) * d
+            x = self.update(x, denoised, old_denoised, sigmas, i)
             old_denoised = denoised
         return x
+
+    def update(self, x: torch.Tensor, denoised: torch.Tensor, old_denoised: torch.Tensor | None,
+               sigmas: Sequence[float], i: int) -> torch.Tensor:
+        """The step from ``sigmas[i]`` to ``sigmas[i + 1]`` given this step's and the previous step's
+        denoised estimates (first order without a previous one; the denoised estimate at sigma 0)."""
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        if sigma_next == 0:
+            return denoised
+        t, t_next = -math.log(sigma), -math.log(sigma_next)
+        h = t_next - t
+        if old_denoised is None:
+            d = denoised
+        else:
+            r = (t - (-math.log(sigmas[i - 1]))) / h
+            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+        return (sigma_next / sigma) * x - math.expm1(-h) * d
 
 
 class DPMPP2MSDESampler(BaseDiffusionSampler):
