@@ -21,7 +21,10 @@ Crowson's k-diffusion for the ancestral and linear multistep formulations.
 
 from .ancestral import AncestralSampler, DPMPP2SAncestralSampler, EulerAncestralSampler
 from .base import BaseDiffusionSampler, Callback, DenoiseFn, get_ancestral_step, linear_multistep_coeff
-from .dpmpp import DPMPP2MSampler, DPMPP2MSDESampler
+from .dpm import DPM2AncestralSampler, DPM2Sampler
+from .dpm_solver import DPMSolverAdaptiveSampler, DPMSolverFastSampler
+from .dpmpp import (BrownianSDESampler, DPMPP2MSampler, DPMPP2MSDESampler, DPMPP3MSDESampler, DPMPPSDESampler,
+                    MultistepSDESampler)
 from .karras import EulerEDMSampler, HeunEDMSampler
 from .lms import LinearMultistepSampler
 
