@@ -24,7 +24,10 @@ from .base import BaseDiffusionSampler, Callback, DenoiseFn, get_ancestral_step,
 from .cfg_pp import DPMPP2MCFGPPSampler, EulerAncestralCFGPPSampler, EulerCFGPPSampler
 from .consistency import LCMSampler, TCDSampler
 from .ddpm import DDIMSampler, DDPMSampler
-from .dpmpp import DPMPP2MSampler, DPMPP2MSDESampler
+from .dpm import DPM2AncestralSampler, DPM2Sampler
+from .dpm_solver import DPMSolverAdaptiveSampler, DPMSolverFastSampler
+from .dpmpp import (BrownianSDESampler, DPMPP2MSampler, DPMPP2MSDESampler, DPMPP3MSDESampler, DPMPPSDESampler,
+                    MultistepSDESampler)
 from .er_sde import ERSDESampler
 from .heunpp import HeunPP2Sampler
 from .karras import EulerEDMSampler, HeunEDMSampler
