@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import logging
 import math
 import os
@@ -426,7 +427,20 @@ def model_part(samplers: Sequence[str], targets: Sequence[int], images_per_digit
             row.measure("model", target, judged)
         log.info("(b) %s: NFE %s, %.1f s", name, cost.describe(), time.perf_counter() - t0)
     return {"rows": rows, "images": len(jobs), "schedule": repr(for_model(discretization, engine.denoiser)),
-            "guider": repr(instantiate(cfg.guider))}
+            "guider": repr(instantiate(cfg.guider)), "real": real_digits(len(jobs))}
+
+
+def real_digits(count: int) -> dict | None:
+    """The metrics of ``count`` real training digits (``experiments/shipped_model/evaluate.py``), None
+    without the MNIST sample (the ``digits`` extra)."""
+    spec = importlib.util.spec_from_file_location("_shipped_evaluate", ROOT / "experiments/shipped_model/evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    try:
+        return evaluate.real_digits(count)
+    except (ImportError, FileNotFoundError) as exc:
+        log.warning("no real-digit scale (%s)", exc)
+        return None
 
 
 # -- the report ------------------------------------------------------------------------------------
@@ -614,9 +628,16 @@ def model_section(b: dict, rel: Path, img_dir: Path) -> list[str]:
     plot(rows, "model", [("fd", "Fréchet distance (held-out digits)", True), ("accuracy", "digit accuracy", False)],
          f"shipped digit model, {b['images']} images per point", img_dir / name, targets)
     lines += ["", f"![shipped model]({(rel / name).as_posix()})", ""]
-    ms = [c.values["ms_per_image"] for r in rows for c in r.cells.get("model", {}).values()]
-    if ms:
-        lines += [f"Sampling took {min(ms):.1f} to {max(ms):.1f} ms per image per cell (batches of up to 100).", ""]
+    per_nfe = [c.values["ms_per_image"] / c.nfe for r in rows for c in r.cells.get("model", {}).values()]
+    if per_nfe:
+        cost = sum(per_nfe) / len(per_nfe)
+        lines += [f"Sampling cost {cost:.1f} ms per image per NFE here (batches of up to 100), so part (b) takes "
+                  f"about samplers x {b['images']} images x {sum(targets)} NFE x {cost:.1f} ms "
+                  f"= {cost * b['images'] * sum(targets) / 1000:.0f} s per sampler.", ""]
+    if b.get("real"):
+        lines += [f"For scale, {b['images']} real MNIST training digits score accuracy {b['real']['accuracy']:.1%} "
+                  f"and Fréchet distance {b['real']['frechet_distance']:.1f} (the floor of a perfect model at this "
+                  "image count).", ""]
     return lines
 
 
@@ -632,7 +653,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--part", choices=("a", "b", "all"), default="all")
     p.add_argument("--nfe", type=int, nargs="+", default=list(PATH_TARGETS), help="(a): the NFE budgets")
     p.add_argument("--model-nfe", type=int, nargs="+", default=list(MODEL_TARGETS), help="(b): the NFE budgets")
-    p.add_argument("--images-per-digit", type=int, default=30, help="(b): images per prompt (10 prompts)")
+    p.add_argument("--images-per-digit", type=int, default=20, help="(b): images per prompt (10 prompts)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--paths", type=int, default=1000, help="(a): paths of the pathwise error")
     p.add_argument("--law-samples", type=int, default=20000, help="(a): samples of the law error")
