@@ -158,9 +158,15 @@ class DiffusionEngine(L.LightningModule):
             refiner.configure_prediction(H, W, sigmas, self.sampler, aesthetic_score=aesthetic_score,
                                          negative_aesthetic_score=negative_aesthetic_score)
 
+    def guide_engines(self) -> list[DiffusionEngine]:
+        """Other engines the sampler's guider evaluates (autoguidance's weak model, its ``engines``):
+        like the refiner they follow this engine's device and count in a batch's NFE."""
+        guider = getattr(self.sampler, "guider", None)
+        return [e for e in getattr(guider, "engines", ()) if e is not self]
+
     def on_predict_start(self) -> None:
-        for refiner in self._refiner:
-            refiner.to(self.device).eval()
+        for other in [*self._refiner, *self.guide_engines()]:
+            other.to(self.device).eval()
 
     # -- first stage -------------------------------------------------------------------
     def _first_stage_dtype(self) -> torch.dtype:
@@ -286,7 +292,7 @@ class DiffusionEngine(L.LightningModule):
         if not opts:
             raise RuntimeError("call configure_prediction() before predicting")
         t0 = time.perf_counter()
-        engines = [self, *self._refiner]
+        engines = [self, *self._refiner, *self.guide_engines()]
         for e in engines:
             e.network_evaluations = 0
         cond, uc = self._conditionings_for(batch)

@@ -1,6 +1,7 @@
 """The math of diffusion, without weights: schedules, preconditioning, guidance, samplers, losses."""
 
 from .apg import APGGuider
+from .autoguidance import AutoGuidance
 from .brownian import BrownianTreeNoise
 from .cfg_zero_star import CFGZeroStarGuider
 from .denoiser import Denoiser, DiscreteDenoiser

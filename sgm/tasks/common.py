@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import sgm
 
-from ..checkpoint import load_checkpoint, parse_dtype
+from ..checkpoint import CheckpointMismatchError, compare_keys, format_mismatch, load_checkpoint, parse_dtype
 from ..engine import DiffusionEngine
 from ..networks.sizes import check_pixel_size, config_pixel_multiple
 
@@ -82,6 +83,76 @@ def build_engine(model: Any, weights: Any = None, seed: int = 0, what: str = "mo
             engine.model.to(dtype)
             engine.conditioner.to(dtype)
             engine.first_stage_model.to(vae_dtype)
+    return engine.eval()
+
+
+# -- autoguidance's weak model: a second engine that shares the main model's conditioning ---------------
+
+WEAK_KEYS = "model.diffusion_model."  # a weak checkpoint holds the weak UNet alone, in the original key layout
+WEAK_FIX = ("the weak UNet's file (experiments/shipped_model/train_weak.sh writes sgm/assets/digits_weak.safetensors), "
+            "or weak_weights.random=true for seeded random weights, or guider.skip_layers=[mid] for diffusers' "
+            "layer-skip form without a second model")
+# the weak UNet reads the main model's conditioning and latents: these must agree
+WEAK_SHARED_SIZES = ("context_dim", "adm_in_channels", "in_channels", "out_channels")
+
+
+def _weak_network(node: Any, meta: bool) -> torch.nn.Module:
+    if node is None or node.get("network") is None:
+        raise ValueError("weak_model.network is not set: the weak model needs a UNet config "
+                         "(conf/guider/autoguidance.yaml has the shipped digit model's)")
+    with torch.device("meta") if meta else nullcontext():
+        return instantiate(node.network)
+
+
+def check_weak_model(node: Any, weights: Any, model: Any) -> Path | None:
+    """Check autoguidance's ``weak_model`` / ``weak_weights`` against the main ``model`` without
+    reading a weight: its UNet's conditioning sizes, the checkpoint path, and (safetensors) the
+    file's header keys and shapes against the weak UNet built on the meta device."""
+    network = node.get("network") if node is not None else None
+    main = model.get("network") if model is not None else None
+    for key in WEAK_SHARED_SIZES:
+        a, b = (n.get(key) if n is not None else None for n in (network, main))
+        if a is not None and b is not None and a != b:
+            raise ValueError(f"weak_model.network.{key} is {a} but model.network.{key} is {b}: the weak UNet is "
+                             f"evaluated on the main model's latents and conditioning, so they must agree")
+    try:
+        path = check_weights(weights, "weak")
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise type(exc)(f"{exc}: give {WEAK_FIX}") from None
+    expected = {WEAK_KEYS + k: tuple(v.shape) for k, v in _weak_network(node, meta=True).state_dict().items()}
+    if path is None or path.suffix != ".safetensors":
+        return path  # torch.save files are checked when loaded
+    from ..lora.files import read_safetensors_header
+
+    header, _ = read_safetensors_header(path, "weak_weights.checkpoint")  # header only, errors name the key
+    report = compare_keys(expected, {k: tuple(v.get("shape", ())) for k, v in header.items()})
+    if any(report.values()):
+        raise CheckpointMismatchError(
+            format_mismatch(path, report).rsplit("\n", 1)[0] + f"\nweak_weights.checkpoint must hold the weak UNet "
+            f"alone ({WEAK_KEYS}*) for weak_model.network: {WEAK_FIX}")
+    return path
+
+
+def build_weak_engine(node: Any, weights: Any, main: DiffusionEngine, seed: int = 0) -> DiffusionEngine:
+    """Autoguidance's weak model: an engine with its own UNet and denoiser (``weak_model``) and the
+    main engine's conditioner and first stage (shared, not copied). ``weak_weights.checkpoint``
+    holds the UNet alone (``model.diffusion_model.*``); without one (``weak_weights.random``) the
+    UNet is seeded by ``seed``."""
+    path = check_weights(weights, "weak")
+    dtype = parse_dtype((weights or {}).get("dtype"))
+    if path is None:
+        torch.manual_seed(seed)
+    network = _weak_network(node, meta=path is not None)
+    engine = DiffusionEngine(network=network, denoiser=instantiate(node.denoiser), conditioner=main.conditioner,
+                             first_stage=main.first_stage_model, scale_factor=main.scale_factor,
+                             first_stage_fp16_safe=main.first_stage_fp16_safe, uc_zero_keys=main.uc_zero_keys)
+    if path is not None:
+        unet_only = torch.nn.Module()
+        unet_only.model = engine.model  # state dict keys model.diffusion_model.*, as in the file
+        load_checkpoint(unet_only, path, dtype=dtype)
+        engine.to("cpu")  # no copy (all of it is on the CPU now); resets Lightning's device record
+    elif dtype is not None:
+        engine.model.to(dtype)
     return engine.eval()
 
 

@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
 from ..data.prompts import PromptDataModule, PromptJob, make_jobs, read_prompt_file
 from ..data.reading import ImageReadError, image_to_tensor, read_image
 from ..diffusion._checks import check_finite, check_int
 from ..diffusion.schedule import img2img_start, split_index
-from .common import (apply_runtime_settings, build_engine, check_logger, check_size, check_weights, instantiate_callbacks,
-                     make_logger, provenance, run_dir)
+from .common import (apply_runtime_settings, build_engine, build_weak_engine, check_logger, check_size, check_weak_model,
+                     check_weights, instantiate_callbacks, make_logger, provenance, run_dir)
 from .wandb_logger import finish_wandb
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class SamplePlan:
     patches: Any
     image_metrics: Any
     out_dir: Path
+    weak_model: bool = False  # the guider wants a second engine (autoguidance): run() builds it
 
 
 def validate(cfg: DictConfig) -> SamplePlan:
@@ -157,13 +158,35 @@ def validate(cfg: DictConfig) -> SamplePlan:
     check_logger(cfg)
     lora_files, lora_strengths = check_lora(cfg.get("lora"))
     init_image = load_init_image(cfg.init_image, H, W) if cfg.get("init_image") else None
+    sampler = instantiate(cfg.sampler)
+    weak_model = check_weak_guider(cfg, sampler)  # before the metrics, which read their classifier
     return SamplePlan(
         jobs=jobs, H=H, W=W, seed=seed, steps=steps, batch_size=batch_size, strength=strength,
         img2img_schedule=schedule, refiner_switch=refiner_switch, aesthetic_scores=aesthetic_scores,
-        sampler=instantiate(cfg.sampler), discretization=instantiate(cfg.discretization),
+        sampler=sampler, discretization=instantiate(cfg.discretization),
         lora_files=lora_files, lora_strengths=lora_strengths, init_image=init_image,
         patches=instantiate(cfg.patches) if cfg.get("patches") else None,  # FreeU: the base model only
-        image_metrics=instantiate(cfg.metrics) if cfg.get("metrics") is not None else None, out_dir=run_dir())
+        image_metrics=instantiate(cfg.metrics) if cfg.get("metrics") is not None else None, out_dir=run_dir(),
+        weak_model=weak_model)
+
+
+def check_weak_guider(cfg: DictConfig, sampler: Any) -> bool:
+    """Whether the sampler's guider wants a second engine (autoguidance's weak model); if so its
+    ``weak_model`` / ``weak_weights`` are checked here, before any weight is read."""
+    if not getattr(getattr(sampler, "guider", None), "needs_weak_model", False):
+        return False
+    if cfg.get("weak_model") is None:
+        raise ValueError("the guider needs a weak model but the config has no weak_model: select guider=autoguidance "
+                         "(it brings weak_model and weak_weights), or skip layers instead: guider.skip_layers=[mid]")
+    if cfg.get("refiner") is not None:
+        raise ValueError("autoguidance's weak model guides the base model only: use it without a refiner "
+                         "(refiner=null), or guider.skip_layers=[mid], which works on any UNet")
+    if cfg.weak_model.get("network") is not None:
+        parts = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
+                 for k, v in (("network", cfg.weak_model.network), ("first_stage", cfg.model.get("first_stage")))}
+        check_size(parts, cfg.H, cfg.W, names=("H (weak model)", "W"))
+    check_weak_model(cfg.weak_model, cfg.get("weak_weights"), cfg.model)
+    return True
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -182,6 +205,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     refiner = None
     if cfg.get("refiner") is not None:
         refiner = build_engine(cfg.refiner, cfg.get("refiner_weights"), seed=plan.seed, what="refiner")
+    if plan.weak_model:  # seeded apart from the main model, so a random weak UNet of its shape is another one
+        weak = build_weak_engine(cfg.weak_model, cfg.get("weak_weights"), engine, seed=plan.seed + 1)
+        plan.sampler.guider.set_weak(weak)
+        log.info("autoguidance: weak UNet with %d parameters", sum(p.numel() for p in weak.model.parameters()))
     engine.configure_prediction(plan.H, plan.W, engine.schedule(plan.discretization, plan.steps), plan.sampler,
                                 strength=plan.strength, img2img_schedule=plan.img2img_schedule,
                                 refiner=refiner, refiner_switch=plan.refiner_switch,
