@@ -6,6 +6,8 @@ PY     := $(VENV)/bin/python
 # override for another platform, e.g. `make TORCH="torch torchvision" test`.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 KDIFF  ?= k-diffusion==0.1.1.post1
+# test processes (pytest-xdist; whole files per process, so module fixtures are built once): 0 = serial
+JOBS   ?= 2
 
 .PHONY: install install-test run test clean
 
@@ -28,7 +30,7 @@ run: install
 	$(PY) run.py $(ARGS)
 
 test: install-test
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV)

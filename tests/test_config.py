@@ -63,7 +63,11 @@ def _options(group):
 def test_groups_have_the_promised_files():
     assert {"edm", "ddpm"} <= set(_options("discretization"))
     assert {"identity", "cfg", "cfg_rescale", "cfg_interval"} <= set(_options("guider"))
-    assert set(_options("sampler")) == {"euler", "heun", "euler_a", "dpmpp_2s_a", "dpmpp_2m", "dpmpp_2m_sde", "lms"}
+    assert set(_options("sampler")) == {"euler", "heun", "euler_a", "dpmpp_2s_a", "dpmpp_2m", "dpmpp_2m_sde", "lms",
+                                        "ddpm", "ddim", "lcm", "tcd",
+                                        "uni_pc", "uni_pc_bh2", "deis", "ipndm", "ipndm_v", "res_multistep",
+                                        "restart", "er_sde", "heunpp2", "euler_cfg_pp", "euler_a_cfg_pp", "dpmpp_2m_cfg_pp",
+                                        "dpm_2", "dpm_2_a", "dpm_fast", "dpm_adaptive", "dpmpp_sde", "dpmpp_3m_sde"}
     assert _options("denoiser")
 
 

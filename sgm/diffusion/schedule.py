@@ -2,7 +2,9 @@
 
 * :func:`sampling_sigmas`: the ``steps + 1`` sigmas (final 0) of a discretization; a range
   left unset (``sigma_min``/``sigma_max`` = None) is the model's trained range, read from its
-  denoiser (:func:`model_sigma_range`), so that range is stated once, in the denoiser.
+  denoiser (:func:`model_sigma_range`), so that range is stated once, in the denoiser; a
+  schedule over the model's discrete levels (``model_sigmas`` = None) gets the denoiser's
+  table (:func:`model_sigma_table`). :func:`for_model` does both.
 * :func:`img2img_start`: where img2img enters that schedule, by one of two rules
   (:data:`IMG2IMG_RULES`).
 * :func:`split_index`: where the base hands over to the refiner.
@@ -12,13 +14,17 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._checks import check_int
+from .discretization import Discretization, as_table, unset_model_fields
 
 IMG2IMG_RULES = ("last_steps", "sgm")
+CONTINUOUS_LEVELS = 1000  # the levels a continuous denoiser's range stands for (model_sigma_table)
 
 
 def model_sigma_range(denoiser: Any) -> tuple[float, float] | None:
@@ -27,20 +33,55 @@ def model_sigma_range(denoiser: Any) -> tuple[float, float] | None:
     return None if lo is None or hi is None else (float(lo), float(hi))
 
 
-def for_model(discretization: Any, denoiser: Any = None) -> Any:
-    """``discretization`` with an unset sigma range filled from ``denoiser`` (a copy; the input is kept)."""
-    unset = [k for k in ("sigma_min", "sigma_max") if hasattr(discretization, k) and getattr(discretization, k) is None]
-    if not unset:
-        return discretization
+def model_sigma_table(denoiser: Any) -> np.ndarray | None:
+    """A model's discrete noise levels, ascending float64, or None when it has neither table nor range.
+
+    A :class:`~sgm.diffusion.denoiser.DiscreteDenoiser` has its table (``denoiser.sigmas``); a
+    continuous denoiser with a trained range stands for :data:`CONTINUOUS_LEVELS` log-uniform
+    levels over it (ComfyUI's table of continuous EDM models), so that schedules defined over
+    timesteps run over log sigma there.
+    """
+    levels = getattr(denoiser, "sigmas", None)
+    if isinstance(levels, torch.Tensor) and levels.numel() > 1:
+        return as_table(levels)
     trained = model_sigma_range(denoiser)
     if trained is None:
-        raise ValueError(f"{type(discretization).__name__} leaves {' and '.join(unset)} to the model, but the "
-                         "model's denoiser states no trained sigma range: set them in the discretization")
+        return None
+    return np.exp(np.linspace(math.log(trained[0]), math.log(trained[1]), CONTINUOUS_LEVELS))
+
+
+def for_model(discretization: Any, denoiser: Any = None) -> Any:
+    """``discretization`` with what it leaves to the model filled from ``denoiser`` (a copy; the input is kept).
+
+    A None ``sigma_min`` / ``sigma_max`` is the model's trained range (:func:`model_sigma_range`),
+    a None ``model_sigmas`` its noise levels (:func:`model_sigma_table`); see
+    :attr:`sgm.diffusion.discretization.Discretization.MODEL_FIELDS`.
+    """
+    unset = unset_model_fields(discretization)
+    trained = model_sigma_range(denoiser)
+    if isinstance(discretization, Discretization) and denoiser is not None:
+        discretization.check_model(trained)
+    if not unset:
+        return discretization
+    name = type(discretization).__name__
+    values: dict[str, Any] = {}
+    if {"sigma_min", "sigma_max"} & set(unset):
+        if trained is None:
+            raise ValueError(f"{name} leaves {' and '.join(unset)} to the model, but the model's denoiser "
+                             "states no trained sigma range: set them in the discretization")
+        values.update(sigma_min=trained[0], sigma_max=trained[1])
+    if "model_sigmas" in unset:
+        values["model_sigmas"] = model_sigma_table(denoiser)
+        if values["model_sigmas"] is None:
+            raise ValueError(f"{name} runs over the model's noise levels, but the model's denoiser has neither a "
+                             "table of levels (a DiscreteDenoiser) nor a trained sigma range: state sigma_min / "
+                             "sigma_max in the denoiser, or give the discretization model_sigmas")
     filled = copy.copy(discretization)
-    for key, value in zip(("sigma_min", "sigma_max"), trained):
-        if key in unset:
-            setattr(filled, key, value)
-    if filled.sigma_min >= filled.sigma_max:
+    for key in unset:
+        setattr(filled, key, values[key])
+    if isinstance(filled, Discretization):
+        filled.check()
+    elif filled.sigma_min >= filled.sigma_max:
         raise ValueError(f"sigma_min ({filled.sigma_min}) must be smaller than sigma_max ({filled.sigma_max})")
     return filled
 

@@ -1,7 +1,8 @@
 """Network patches: per-call changes to the UNet's computation that leave its weights alone.
 
 The role of ComfyUI's ``transformer_options`` patches and diffusers' attention processors,
-used by perturbed-attention guidance (:mod:`sgm.diffusion.pag`) and FreeU
+used by perturbed-attention guidance (:mod:`sgm.diffusion.pag`), self-attention guidance
+(:mod:`sgm.diffusion.sag`, through :class:`SelfAttentionCapture`) and FreeU
 (:mod:`sgm.networks.freeu`).
 
 How a patch reaches the UNet
@@ -39,6 +40,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+import weakref
 
 import torch
 from torch import nn
@@ -90,3 +93,45 @@ def apply_patches(target: nn.Module, patches: Iterable[UNetPatch] | Mapping[str,
             raise TypeError(f"a network patch must be a UNetPatch, got {type(p).__name__}")
     wrapper.patches = items
     return items
+
+
+class SelfAttentionCapture(UNetPatch):
+    """Keeps the attention probabilities of one self-attention layer (the role of diffusers'
+    ``CrossAttnStoreProcessor``), for self-attention guidance (:mod:`sgm.diffusion.sag`).
+
+    The layer named ``layer`` (a ``CrossAttention`` name, see the module doc) computes its
+    attention explicitly, softmax(Q K^T / sqrt(d)) in float32, and :attr:`maps` holds the
+    probabilities of the last call averaged over heads, [B, N_query, N_key]; the layer's output
+    is the usual one. Each UNet forward that carries the patch clears :attr:`maps` first, so a
+    map is never one of an earlier call. A name that is not a self-attention layer of the UNet
+    is an error naming it (at the first call).
+    """
+
+    def __init__(self, layer: str = "middle_block.1.transformer_blocks.0.attn1"):
+        self.layer = str(layer)
+        self.maps: torch.Tensor | None = None
+        self._checked: weakref.WeakSet = weakref.WeakSet()  # UNets whose layer names were checked
+
+    def prepare(self, unet: nn.Module) -> None:
+        self.maps = None
+        if unet in self._checked:
+            return
+        names = {getattr(m, "name", None) for m in unet.modules()}
+        if self.layer not in names or not self.layer.endswith("attn1"):
+            raise ValueError(f"attention capture: {self.layer!r} is not a self-attention layer (a CrossAttention "
+                             f"named ...attn1) of this UNet, e.g. 'middle_block.1.transformer_blocks.0.attn1'")
+        self._checked.add(unet)
+
+    def attention(self, layer: nn.Module, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor | None:
+        if layer.name != self.layer:
+            return None
+        if context is not None:
+            raise ValueError(f"attention capture: {self.layer!r} attends to a context (disable_self_attn), "
+                             "not to itself")
+        b, n, _ = x.shape
+        heads = layer.heads
+        q, k, v = (t.reshape(b, n, heads, -1).transpose(1, 2).float() for t in (layer.to_q(x), layer.to_k(x), layer.to_v(x)))
+        probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)  # [B, heads, N, N]
+        self.maps = probs.mean(dim=1)
+        out = (probs @ v).transpose(1, 2).reshape(b, n, -1).to(x.dtype)
+        return layer.to_out(out)

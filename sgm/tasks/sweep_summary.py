@@ -4,6 +4,12 @@ At the end of ``python run.py -m guider.scale=0,1,3 ...`` it reads each job's
 ``metrics.json`` and ``.hydra/overrides.yaml`` and writes into the sweep folder
 ``summary.csv``, ``summary.md``, ``summary_<metric>.png`` (each numeric metric against the
 swept value) and ``grid_<override>.png`` (each job's grid).
+
+Runs are compared at their cost: the column ``nfe`` (network evaluations per batch, i.e. per
+image: metrics.json's ``network_evaluations_per_batch``, where a CFG step's batched uc + c
+call counts once) comes right after the swept values, before every metric, and each plot
+names every job's NFE (in the x tick labels, or beside each point of a numeric sweep). A
+sweep over samplers (``sampler=euler,heun``) at equal ``steps`` is not one at equal cost.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+
+NFE = "nfe"  # the summary's cost column: network evaluations per batch (= per image)
+NFE_SOURCE = "network_evaluations_per_batch"  # its name in metrics.json
 
 
 def _value(text: str) -> Any:
@@ -43,14 +52,19 @@ def collect(sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
     swept = [k for k in keys if len({values.get(k) for _, values, _ in jobs}) > 1]
     rows = []
     for job_dir, values, metrics in jobs:
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         row = {"job": job_dir.name, **{k: _value(values.get(k, "")) for k in swept}}
-        row.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        if NFE_SOURCE in numbers:
+            row[NFE] = numbers.pop(NFE_SOURCE)
+        row.update(numbers)
         rows.append(row)
     return swept, rows
 
 
-def write_table(rows: Sequence[dict[str, Any]], sweep_dir: Path) -> list[str]:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+def write_table(rows: Sequence[dict[str, Any]], sweep_dir: Path, swept: Sequence[str] = ()) -> list[str]:
+    """``summary.csv`` and ``summary.md``: the job, the swept values, ``nfe``, then the metrics."""
+    lead = [c for c in ("job", *swept, NFE) if any(c in row for row in rows)]
+    columns = list(dict.fromkeys([*lead, *(k for row in rows for k in row)]))
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -65,8 +79,15 @@ def write_table(rows: Sequence[dict[str, Any]], sweep_dir: Path) -> list[str]:
     return columns
 
 
+def nfe_label(row: dict[str, Any]) -> str:
+    """``NFE 30`` for a row that records its network evaluations, else empty."""
+    nfe = row.get(NFE)
+    return f"NFE {nfe:g}" if isinstance(nfe, (int, float)) and math.isfinite(nfe) else ""
+
+
 def write_plots(swept: Sequence[str], rows: Sequence[dict[str, Any]], metrics: Sequence[str], sweep_dir: Path) -> int:
-    """One PNG per metric against the swept value (categorical when values are not numbers)."""
+    """One PNG per metric against the swept value (categorical when values are not numbers),
+    each job's NFE in its tick label (categorical) or written beside its point (numeric)."""
     try:
         import matplotlib
 
@@ -85,12 +106,17 @@ def write_plots(swept: Sequence[str], rows: Sequence[dict[str, Any]], metrics: S
         if not all(isinstance(y, (int, float)) and math.isfinite(y) for y in ys):
             continue
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+        costs = [nfe_label(rows[i]) if metric != NFE else "" for i in order]
         if numeric:
             ax.plot([xs[i] for i in order], ys, marker="o")
+            for i, y, cost in zip(order, ys, costs):
+                if cost:
+                    ax.annotate(cost, (xs[i], y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
         else:
-            ax.bar([str(xs[i]) for i in order], ys)
-            ax.tick_params(axis="x", labelrotation=30)
-        ax.set_xlabel(swept[0] if len(swept) == 1 else "job")
+            ax.bar([f"{xs[i]}\n{cost}" if cost else str(xs[i]) for i, cost in zip(order, costs)], ys)
+            ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax.set_xlabel((swept[0] if len(swept) == 1 else "job") + (" (NFE: network evaluations per image)"
+                                                                   if any(costs) else ""))
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -110,7 +136,7 @@ def copy_grids(swept: Sequence[str], rows: Sequence[dict[str, Any]], sweep_dir: 
 
 
 # plotted whenever present; other metrics only when they vary across the jobs
-ALWAYS_PLOT = ("accuracy", "frechet_distance", "seconds_per_image", "network_evaluations_per_batch")
+ALWAYS_PLOT = ("accuracy", "frechet_distance", "seconds_per_image", NFE)
 
 
 class SweepSummary(Callback):
@@ -126,7 +152,7 @@ class SweepSummary(Callback):
             if not rows:
                 log.warning("no finished job with metrics.json in %s: no summary", sweep_dir)
                 return
-            columns = write_table(rows, sweep_dir)
+            columns = write_table(rows, sweep_dir, swept)
             metrics = self.plot_metrics or [
                 c for c in columns if c != "job" and c not in swept
                 and (c in ALWAYS_PLOT or len({r.get(c) for r in rows}) > 1)]

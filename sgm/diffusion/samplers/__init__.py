@@ -21,8 +21,19 @@ Crowson's k-diffusion for the ancestral and linear multistep formulations.
 
 from .ancestral import AncestralSampler, DPMPP2SAncestralSampler, EulerAncestralSampler
 from .base import BaseDiffusionSampler, Callback, DenoiseFn, get_ancestral_step, linear_multistep_coeff
-from .dpmpp import DPMPP2MSampler, DPMPP2MSDESampler
+from .cfg_pp import DPMPP2MCFGPPSampler, EulerAncestralCFGPPSampler, EulerCFGPPSampler
+from .consistency import LCMSampler, TCDSampler
+from .ddpm import DDIMSampler, DDPMSampler
+from .dpm import DPM2AncestralSampler, DPM2Sampler
+from .dpm_solver import DPMSolverAdaptiveSampler, DPMSolverFastSampler
+from .dpmpp import (BrownianSDESampler, DPMPP2MSampler, DPMPP2MSDESampler, DPMPP3MSDESampler, DPMPPSDESampler,
+                    MultistepSDESampler)
+from .er_sde import ERSDESampler
+from .heunpp import HeunPP2Sampler
 from .karras import EulerEDMSampler, HeunEDMSampler
 from .lms import LinearMultistepSampler
+from .multistep import DEISSampler, IPNDMSampler, IPNDMVSampler, RESMultistepSampler
+from .restart import RestartSampler
+from .unipc import UniPCSampler
 
 __all__ = [name for name in dir() if not name.startswith("_")]
