@@ -3,7 +3,6 @@ converted tiny UNet, the second engine through run.py's task, NFE, and the weak 
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 
@@ -13,12 +12,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import sgm
+import sgm.tasks.sample
+from sgm.checkpoint import save_checkpoint
 from sgm.diffusion import EDMDiscretization, EulerEDMSampler, HeunEDMSampler, VanillaCFG
 from sgm.diffusion.analytic import GaussianMixture
 from sgm.diffusion.autoguidance import AutoGuidance
 from sgm.diffusion.schedule import sampling_sigmas
-from sgm.checkpoint import save_checkpoint
-from sgm.tasks.common import build_engine, build_weak_engine
+from sgm.tasks.common import build_engine, build_weak_engine, check_weak_model
 
 from test_catalogue import QUIET, no_weights  # noqa: F401 - a fixture: every weight loader raises
 from test_networks import _randomize
@@ -103,13 +104,14 @@ def test_cfg_is_autoguidance_by_the_unconditional_model():
     x = torch.randn(4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     cond = {"class_weights": torch.tensor([[0.8, 0.1, 0.1]], dtype=torch.float64).repeat(4, 1)}
     uc = {"class_weights": torch.full((4, 3), 1 / 3, dtype=torch.float64)}
-    for kwargs in ({}, {"rescale": 0.7}, {"sigma_interval": (0.5, 3.0)}, {"rescale": 0.3, "sigma_interval": (0.5, 3.0)}):
+    interval = (0.5, 3.0)
+    for kwargs in ({}, {"rescale": 0.7}, {"sigma_interval": interval}, {"rescale": 0.3, "sigma_interval": interval}):
         ag = AutoGuidance(scale=3.0, weak=gm.denoise, weak_conditioning="uncond", **kwargs)
         cfg = VanillaCFG(3.0, **kwargs)
         for sigma in (0.2, 1.0, 5.0):
             s = torch.full((4,), sigma, dtype=torch.float64)
-            torch.testing.assert_close(ag.guide(gm.denoise, x, s, cond, uc).x0, cfg.guide(gm.denoise, x, s, cond, uc).x0,
-                                       rtol=0, atol=1e-14)
+            got, want = ag.guide(gm.denoise, x, s, cond, uc).x0, cfg.guide(gm.denoise, x, s, cond, uc).x0
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
 
 
 def test_rescale_and_interval_compose():
@@ -200,7 +202,6 @@ def _diffusers_autoguidance_steps(theirs, fqn, blocks, skip, idxs, x, inp, weak_
 
 
 MID = "mid_block.attentions.0.transformer_blocks"  # TINY: two transformer blocks at the second level and mid
-SLOW = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -210,10 +211,9 @@ def theirs_unet(nets):  # noqa: F811
 
 @pytest.mark.parametrize("skip, ours, fqn, blocks, weak_conditioning, stop", [
     ("attention", ["mid"], MID, [0, 1], "uncond", 1.0),
-    pytest.param("attention_scores", ["mid"], MID, [0, 1], "uncond", 1.0, marks=SLOW),
+    ("attention_scores", ["mid"], MID, [0, 1], "uncond", 1.0),
     ("attention", [f"{MID}.1"], MID, [1], "cond", 1.0),
-    pytest.param("attention", ["down_blocks.1.attentions.0"], "down_blocks.1.attentions.0.transformer_blocks", [0, 1],
-                 "cond", 1.0, marks=SLOW),
+    ("attention", ["down_blocks.1.attentions.0"], "down_blocks.1.attentions.0.transformer_blocks", [0, 1], "cond", 1.0),
     ("attention_scores", ["up.block_0.attentions_1"], "up_blocks.0.attentions.1.transformer_blocks", [0, 1], "cond",
      1.0),
     ("attention", ["mid"], MID, [0, 1], "uncond", 0.5),  # the guidance interval against diffusers' stop
@@ -268,11 +268,9 @@ RANDOM_WEAK = ["weak_weights.checkpoint=null", "weak_weights.random=true"]
 
 
 @pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory):
+def tiny_pair(tmp_path_factory, compose):
     """A tiny main model (a single file) and a weak UNet (a UNet-only file), every weight random: seeded
     random engines have zero output convolutions, so both would predict x0 = x and guidance would vanish."""
-    from conftest import compose
-
     root = tmp_path_factory.mktemp("tiny_pair")
     cfg = compose("sample", ["model=tiny", "guider=autoguidance"])
     main = build_engine(cfg.model, cfg.weights, seed=0)
@@ -345,6 +343,10 @@ def test_shipped_model_with_its_weak_model(run_task, tmp_path, compose):
 
 # ---------------------------------------------------------------- the weak checkpoint's errors
 
+def no_weights_error(*args, **kwargs):
+    raise AssertionError("a weight reader or the weak engine's builder ran before the checks")
+
+
 @pytest.fixture(scope="module")
 def weak_files(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("weak")
@@ -352,7 +354,7 @@ def weak_files(tmp_path_factory) -> dict[str, str]:
     save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 7, 3, 3)}, str(root / "wrong.safetensors"))
     (root / "folder").mkdir()
     return {"text": str(root / "notes.safetensors"), "wrong": str(root / "wrong.safetensors"),
-            "folder": str(root / "folder"), "main": str(importlib.import_module("sgm").asset("digits.safetensors"))}
+            "folder": str(root / "folder"), "main": sgm.asset("digits.safetensors")}
 
 
 WEAK_CASES = [
@@ -378,24 +380,18 @@ WEAK_CASES = [
 
 
 @pytest.mark.parametrize("overrides, error, message", WEAK_CASES, ids=[" ".join(c[0]) for c in WEAK_CASES])
-def test_bad_weak_model_fails_before_any_weight_is_read(hydra_runtime, no_weights, weak_files, monkeypatch,  # noqa: F811
-                                                        tmp_path, overrides, error, message):
+def test_bad_weak_model_fails_before_any_weight_is_read(hydra_runtime, no_weights, weak_files,  # noqa: F811
+                                                        monkeypatch, tmp_path, overrides, error, message):
     monkeypatch.setattr("sgm.tasks.sample.build_weak_engine", no_weights_error)
     filled = [o.format(**weak_files) for o in overrides]
     cfg = hydra_runtime("sample", [*QUIET, "guider=autoguidance", *filled], tmp_path / "new")
     with pytest.raises(error, match=message):
-        importlib.import_module("sgm.tasks.sample").run(cfg)
+        sgm.tasks.sample.run(cfg)
     assert not list((tmp_path / "new").glob("*.png"))
-
-
-def no_weights_error(*args, **kwargs):
-    raise AssertionError("the weak engine was built before the checks")
 
 
 def test_checkpoint_header_check_reads_no_tensor(tmp_path, compose, monkeypatch):
     """The good shipped weak file passes the checks with every tensor reader refused."""
-    from sgm.tasks.common import check_weak_model
-
     cfg = compose("sample", ["guider=autoguidance"])
     for target in ("sgm.checkpoint.safe_open", "safetensors.safe_open", "safetensors.torch.load_file"):
         monkeypatch.setattr(target, no_weights_error)

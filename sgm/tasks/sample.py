@@ -22,8 +22,8 @@ from ..data.prompts import PromptDataModule, PromptJob, make_jobs, read_prompt_f
 from ..data.reading import ImageReadError, image_to_tensor, read_image
 from ..diffusion._checks import check_finite, check_int
 from ..diffusion.schedule import img2img_start, split_index
-from .common import (apply_runtime_settings, build_engine, build_weak_engine, check_logger, check_size, check_weak_model,
-                     check_weights, instantiate_callbacks, make_logger, provenance, run_dir)
+from .common import (apply_runtime_settings, build_engine, build_weak_engine, check_logger, check_size,
+                     check_weak_model, check_weights, instantiate_callbacks, make_logger, provenance, run_dir)
 from .wandb_logger import finish_wandb
 
 log = logging.getLogger(__name__)
