@@ -119,9 +119,9 @@ def check_weak_model(node: Any, weights: Any, model: Any) -> Path | None:
         path = check_weights(weights, "weak")
     except (FileNotFoundError, IsADirectoryError) as exc:
         raise type(exc)(f"{exc}: give {WEAK_FIX}") from None
-    expected = {WEAK_KEYS + k: tuple(v.shape) for k, v in _weak_network(node, meta=True).state_dict().items()}
     if path is None or path.suffix != ".safetensors":
         return path  # torch.save files are checked when loaded
+    expected = {WEAK_KEYS + k: tuple(v.shape) for k, v in _weak_network(node, meta=True).state_dict().items()}
     from ..lora.files import read_safetensors_header
 
     header, _ = read_safetensors_header(path, "weak_weights.checkpoint")  # header only, errors name the key
