@@ -170,11 +170,14 @@ class SaveFinalWeights(L.Callback):
                      trainer.global_step)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.fast_dev_run:  # a smoke test of the code, not a result (debug=fdr)
+            log.info("fast_dev_run: %s not written", self.path.name)
+            return
         self.write(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         """Ctrl-C: the weights trained so far are written too (nothing before the first step)."""
-        if not isinstance(exception, KeyboardInterrupt) or trainer.global_step == 0:
+        if not isinstance(exception, KeyboardInterrupt) or trainer.global_step == 0 or trainer.fast_dev_run:
             return
         try:
             self.write(trainer, pl_module)
@@ -219,6 +222,8 @@ class RunCheckpoint(ModelCheckpoint):
                 loop._batches_that_stepped = trainer.global_step  # one optimizer step per stepping batch
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.fast_dev_run:  # as ModelCheckpoint: a fast dev run writes no checkpoint
+            return
         if self.save_last and trainer.global_step != self._last_global_step_saved:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         else:
@@ -226,7 +231,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if (not isinstance(exception, KeyboardInterrupt) or self.dirpath is None or trainer.sanity_checking
-                or trainer.global_step == self._last_global_step_saved):
+                or trainer.fast_dev_run or trainer.global_step == self._last_global_step_saved):
             return
         path = str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
         self.last_model_path = path  # part of the saved state

@@ -24,6 +24,7 @@ from ..diffusion._checks import check_finite, check_int
 from ..diffusion.schedule import img2img_start, split_index
 from .common import (apply_runtime_settings, build_engine, build_weak_engine, check_logger, check_size,
                      check_weak_model, check_weights, instantiate_callbacks, make_logger, provenance, run_dir)
+from .extras import check_conventions, record_config
 from .wandb_logger import finish_wandb
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class SamplePlan:
     image_metrics: Any
     out_dir: Path
     weak_model: bool = False  # the guider wants a second engine (autoguidance): run() builds it
+    tags: tuple[str, ...] = ()  # the run's tags (metrics.json, the loggers)
 
 
 def validate(cfg: DictConfig) -> SamplePlan:
@@ -156,6 +158,7 @@ def validate(cfg: DictConfig) -> SamplePlan:
     jobs = make_jobs(load_prompts(cfg), str(cfg.negative_prompt or ""), seed, per_prompt, cfg.get("wildcards_dir"))
     check_weights(cfg.get("weights"))
     check_logger(cfg)
+    tags = check_conventions(cfg)  # tags, the trainer's device
     lora_files, lora_strengths = check_lora(cfg.get("lora"))
     init_image = load_init_image(cfg.init_image, H, W) if cfg.get("init_image") else None
     sampler = instantiate(cfg.sampler)
@@ -167,7 +170,7 @@ def validate(cfg: DictConfig) -> SamplePlan:
         lora_files=lora_files, lora_strengths=lora_strengths, init_image=init_image,
         patches=instantiate(cfg.patches) if cfg.get("patches") else None,  # FreeU: the base model only
         image_metrics=instantiate(cfg.metrics) if cfg.get("metrics") is not None else None, out_dir=run_dir(),
-        weak_model=weak_model)
+        weak_model=weak_model, tags=tuple(tags))
 
 
 def check_weak_guider(cfg: DictConfig, sampler: Any) -> bool:
@@ -192,6 +195,7 @@ def check_weak_guider(cfg: DictConfig, sampler: Any) -> bool:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Sample every prompt with the configured model and sampler; return the metrics."""
     plan = validate(cfg)
+    record_config(cfg, plan.out_dir)
     apply_runtime_settings(cfg)
     engine = build_engine(cfg.model, cfg.get("weights"), seed=plan.seed)
     if plan.lora_files:
@@ -221,7 +225,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = instantiate_callbacks(
         cfg.get("callbacks"), total_images=len(plan.jobs), provenance=provenance(cfg), image_metrics=plan.image_metrics,
         extra_metrics={"steps": plan.steps, "sampler": type(plan.sampler).__name__, "seed": plan.seed,
-                       "H": plan.H, "W": plan.W})
+                       "H": plan.H, "W": plan.W, "tags": list(plan.tags)})
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_logger(cfg, plan.out_dir) or False)
     trainer.predict(engine, datamodule=PromptDataModule(plan.jobs, plan.batch_size), return_predictions=False)
     finish_wandb(trainer)

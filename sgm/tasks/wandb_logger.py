@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-#: what WANDB_MODE / logger.mode may be (wandb's own modes, plus our ``auto``)
+#: what WANDB_MODE / logger.wandb.mode may be (wandb's own modes, plus our ``auto``)
 MODES = ("auto", "online", "offline", "disabled", "dryrun", "run", "shared")
 PROBE_SECONDS = 3.0
 
@@ -27,10 +27,10 @@ def has_wandb_credentials() -> bool:
         return False
 
 
-def wandb_mode(mode: str = "auto") -> str:
-    """The mode a run asks for: ``WANDB_MODE`` wins over ``logger.mode``; a ValueError names a bad one."""
+def wandb_mode(mode: str = "auto", key: str = "logger.wandb.mode") -> str:
+    """The mode a run asks for: ``WANDB_MODE`` wins over ``mode`` (config key ``key``); a ValueError names a bad one."""
     env = os.environ.get("WANDB_MODE")
-    chosen, source = (env, "WANDB_MODE") if env else (mode, "logger.mode")
+    chosen, source = (env, "WANDB_MODE") if env else (mode, key)
     if chosen not in MODES:
         raise ValueError(f"{source}={chosen!r} is not a W&B mode: use one of {', '.join(MODES)} "
                          "(or ~logger for no W&B run)")

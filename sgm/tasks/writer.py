@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from omegaconf import OmegaConf
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -71,7 +72,9 @@ class ImageWriter(BasePredictionWriter):
         self.total_images = total_images
         self.provenance = provenance
         self.grid_columns = grid_columns
-        self.extra_metrics = extra_metrics or {}
+        # plain values for metrics.json (Hydra hands a run's dict over as a DictConfig)
+        self.extra_metrics = (OmegaConf.to_container(extra_metrics) if OmegaConf.is_config(extra_metrics)
+                              else dict(extra_metrics or {}))
         self.seconds = 0.0
         self.nfe_per_batch: list[int] = []
         self.written = 0
