@@ -90,7 +90,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     instead), so only padded batches appear twice. The held-out loader is sharded the same
     way. The sampler is a ``DistributedSampler``, so Lightning keeps it
     (``use_distributed_sampler`` may stay on). Not supported: ``Trainer(overfit_batches=...)``,
-    which replaces the sampler.
+    which replaces the sampler (train.py runs it as ``limit_train_batches`` with ``shuffle=False``:
+    :func:`sgm.tasks.debug.apply_overfit`).
 
     Cache: with ``cache_dir``, :meth:`build_cache` encodes each item's deterministic view once
     and the loaders then serve the stored tensors (see its docstring).
