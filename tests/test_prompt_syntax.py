@@ -404,3 +404,12 @@ def test_weighted_digit_prompt_draws_sevens(run_task, tmp_path):
     assert metrics["accuracy"] >= 0.9
     metrics, _ = run_task("sample", [*overrides, "prompt_syntax=none"], tmp_path / "none")
     assert metrics["accuracy"] < 0.5
+
+
+@pytest.mark.slow
+def test_run_samples_an_edited_prompt_end_to_end(run_task, tmp_path):
+    """run.py with prompt editing and a weighted negative: the schedule reaches the sampler through predict_step."""
+    overrides = ["progress=false", "~logger", "~metrics", "steps=4", "sampler=heun",
+                 "prompt='a handwritten digit [one:(seven:1.1):0.5]'", "negative_prompt='[blurry|smudged]'"]
+    run_task("sample", overrides, tmp_path / "run")
+    assert len(list((tmp_path / "run").glob("*.png"))) == 2  # the image and the grid
