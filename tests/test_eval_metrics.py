@@ -308,6 +308,35 @@ def test_inception_features_are_torch_fidelitys(random_inception, resize, size, 
     assert got.shape == (2, 2048) and got.std() > 0
 
 
+def test_stats_command_refuses_to_overwrite_and_names_missing_weights(reference, tmp_path, monkeypatch, caplog):
+    from sgm.metrics.stats import main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    folder = str(reference[0].parent)
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"keep me")
+    assert main([folder, "--out", str(taken)]) == 1 and taken.read_bytes() == b"keep me"
+    assert "refusing to overwrite" in caplog.text
+    assert main([folder, "--out", str(tmp_path / "new.safetensors")]) == 1
+    assert "--weights is not set" in caplog.text and not (tmp_path / "new.safetensors").exists()
+
+
+@pytest.mark.slow  # the random Inception on six 40 x 40 images
+def test_stats_command_writes_inception_statistics(random_inception, reference, tmp_path):
+    from sgm.metrics.stats import main
+
+    out = tmp_path / "stats.safetensors"
+    folder = tmp_path / "imgs"
+    write_folder(folder, uint8_images(6, seed=7, size=40))
+    assert main([str(folder), "--out", str(out), "--weights", str(random_inception), "--device", "cpu"]) == 0
+    space = InceptionFeatures(str(random_inception), device="cpu")
+    stats = FeatureStats.load(out)
+    assert stats.identity == space.identity and stats.count == 6 and stats.features.shape == (6, 2048)
+    images = as_tensor(np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))]))
+    torch.testing.assert_close(stats.features.double(), space.extract(images).float().double())
+    assert FrechetDistance(str(out), space)(images, [""] * 6)["fid"] == pytest.approx(0, abs=1e-3)
+
+
 # -- CLIP score ----------------------------------------------------------------------------------------
 TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
                                              "patch_size": 16},

@@ -16,6 +16,9 @@ from PIL.PngImagePlugin import PngInfo
 
 from sgm.tasks.writer import to_uint8
 
+from test_eval_metrics import tiny_clip  # noqa: F401 - the tiny open_clip model fixture
+from test_sample_reliability import no_weights  # noqa: F401 - every weight loader refuses
+
 ROOT = Path(__file__).resolve().parents[1]
 # the FID family over a raw-pixel feature space (4 x 4 thumbnails), so no Inception file is needed
 PIXELS = ["metrics.features._target_=sgm.metrics.features.ModuleFeatures", "+metrics.features.size=4",
@@ -91,16 +94,52 @@ def test_a_run_folder_of_the_shipped_model_is_judged_as_run_py_judged_it(run_tas
     assert {"accuracy", "frechet_distance", "images"} <= keys
 
 
+@pytest.mark.slow  # run.py and eval.py with a tiny CLIP model
+def test_run_py_and_eval_py_merge_several_metrics(run_task, tiny_clip, tmp_path):
+    """metrics=[digits,clip_score]: both metrics' keys in run.py's metrics.json, and eval.py of that
+    run folder gives the same numbers."""
+    arch, weights, _ = tiny_clip
+    clip = ["metrics=[digits,clip_score]", f"metrics.clip_score.checkpoint={weights}",
+            f"metrics.clip_score.arch={arch}", "metrics.clip_score.quick_gelu=false", "metrics.clip_score.device=cpu"]
+    run = tmp_path / "run"
+    sampled, _ = run_task("sample", ["progress=false", "~logger", "steps=4",
+                                     "prompts=[a handwritten digit 2,a handwritten digit 8]", *clip], run)
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert {"accuracy", "frechet_distance", "labelled_images", "clip_score", "clip_score_images"} <= set(on_disk)
+    assert on_disk["clip_score_images"] == on_disk["labelled_images"] == 2
+    judged, _ = run_task("eval", [f"images={run}", "~logger", *clip], tmp_path / "eval")
+    for key in ("accuracy", "frechet_distance", "clip_score", "clip_score_images"):
+        assert judged[key] == on_disk[key], key
+
+
+def test_run_py_names_a_missing_metric_weight_before_the_model_is_read(no_weights, tmp_path, monkeypatch):
+    from hydra.errors import InstantiationException
+
+    from conftest import run_task as run
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # no Inception file there
+    ref = write_digits(tmp_path / "ref", [np.zeros((8, 8, 3), np.uint8)] * 2, [0, 1])
+    with pytest.raises(InstantiationException, match="metrics.features.weights is not set"):
+        run("sample", ["~logger", "progress=false", "metrics=[fid]", f"metrics.fid.reference={ref}"], tmp_path / "out",
+            files=False)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow  # two runs of ten images
 def test_digit_accuracy_rises_with_the_guidance_scale(run_task, tmp_path):
     """Scale 0 ignores the prompt (chance, about 10%), scale 5 follows it (docs/shipped_model.md: 10.5% vs 100%
     on 200 images; 1 vs 5 is 94% vs 100%, too close to separate with ten images)."""
+    from sgm.tasks.sweep_summary import collect
+
     accuracy = {}
-    for scale in (0, 5):
+    for job, scale in enumerate((0, 5)):
         run_task("sample", ["progress=false", "~logger", "steps=10", f"guider.scale={scale}"], tmp_path / f"run{scale}")
         accuracy[scale] = run_task("eval", [f"images={tmp_path / f'run{scale}'}", "~logger"],
-                                   tmp_path / f"eval{scale}")[0]["accuracy"]
+                                   tmp_path / "sweep" / str(job))[0]["accuracy"]
     assert accuracy[5] >= 0.9 and accuracy[0] <= 0.4, accuracy
+    # eval jobs summarize like run.py's: the swept value (images=) and each job's numbers
+    swept, rows = collect(tmp_path / "sweep")
+    assert swept == ["images"] and [r["accuracy"] for r in rows] == [accuracy[0], accuracy[5]]
 
 
 def test_bad_input_is_named_before_any_metric_is_built(run_task, digits, tmp_path):

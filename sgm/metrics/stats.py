@@ -161,14 +161,20 @@ class Reference:
 _FOLDERS: dict[tuple, FeatureStats] = {}
 
 
-def write_folder_stats(folder: str | Path, out: str | Path, space: FeatureSpace,
-                       max_features: int = DEFAULT_MAX_FEATURES, seed: int = 0) -> FeatureStats:
-    """Embed every image under ``folder`` in ``space`` and write its statistics to ``out``."""
+def check_paths(folder: str | Path, out: str | Path) -> tuple[Path, Path]:
+    """The stats command's folder and output file, checked before any work: ``out`` must not exist."""
     folder, out = Path(folder), Path(out)
-    if out.exists():  # before the work, not after
+    if out.exists():
         raise FileExistsError(f"{out} exists already; refusing to overwrite it (choose another --out)")
     if not folder.is_dir():
         raise NotADirectoryError(f"{str(folder)!r} is not a folder of images")
+    return folder, out
+
+
+def write_folder_stats(folder: str | Path, out: str | Path, space: FeatureSpace,
+                       max_features: int = DEFAULT_MAX_FEATURES, seed: int = 0) -> FeatureStats:
+    """Embed every image under ``folder`` in ``space`` and write its statistics to ``out``."""
+    folder, out = check_paths(folder, out)
     paths = image_files(folder, "folder")
     stats = FeatureStats.of(space.extract_files(paths), space.identity, str(folder.resolve()), max_features, seed)
     stats.save(out)
@@ -190,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
+        check_paths(args.folder, args.out)
         space = InceptionFeatures(args.weights, args.resize, args.batch_size, args.device, what="--weights")
         write_folder_stats(args.folder, args.out, space, args.max_features, args.seed)
     except (OSError, ValueError) as exc:
