@@ -74,27 +74,22 @@ def test_a_folder_of_images_is_judged_into_the_eval_runs_folder(run_task, digits
     assert (got["precision"], got["recall"]) == (1.0, 1.0)
 
 
-@pytest.mark.slow  # run.py, then eval.py with its W&B run (offline)
+@pytest.mark.slow  # run.py on the shipped model (4 images), then eval.py
 def test_a_run_folder_of_the_shipped_model_is_judged_as_run_py_judged_it(run_task, tmp_path):
     run = tmp_path / "run"
     prompts = "prompts=[a handwritten digit one,a handwritten digit 4,a handwritten digit seven,a handwritten digit 9]"
     sampled, _ = run_task("sample", ["progress=false", "~logger", "steps=8", prompts], run)
     before = snapshot(run)
     out = tmp_path / "eval"
-    metrics, _ = run_task("eval", [f"images={run}"], out)  # W&B offline, in the eval folder
+    metrics, _ = run_task("eval", [f"images={run}", "~logger"], out)
     assert metrics["images"] == 4 and metrics["source_kind"] == "run"  # the numbered PNGs, not grid.png
     for key in ("accuracy", "frechet_distance", "labelled_images"):
         assert metrics[key] == sampled[key], key
     assert metrics["judged_run"] == json.loads((run / "metrics.json").read_text())
     assert snapshot(run) == before  # the judged run's files untouched
-    from test_run import wandb_records
-
-    records = wandb_records(out)
-    keys = {item.key or "/".join(item.nested_key) for h in records.get("history", []) for item in h.history.item}
-    assert {"accuracy", "frechet_distance", "images"} <= keys
 
 
-@pytest.mark.slow  # run.py and eval.py with a tiny CLIP model
+@pytest.mark.slow  # run.py, then eval.py with a tiny CLIP model and its W&B run
 def test_run_py_and_eval_py_merge_several_metrics(run_task, tiny_clip, tmp_path):
     """metrics=[digits,clip_score]: both metrics' keys in run.py's metrics.json, and eval.py of that
     run folder gives the same numbers."""
@@ -107,9 +102,14 @@ def test_run_py_and_eval_py_merge_several_metrics(run_task, tiny_clip, tmp_path)
     on_disk = json.loads((run / "metrics.json").read_text())
     assert {"accuracy", "frechet_distance", "labelled_images", "clip_score", "clip_score_images"} <= set(on_disk)
     assert on_disk["clip_score_images"] == on_disk["labelled_images"] == 2
-    judged, _ = run_task("eval", [f"images={run}", "~logger", *clip], tmp_path / "eval")
+    judged, _ = run_task("eval", [f"images={run}", *clip], tmp_path / "eval")  # W&B offline, in the eval folder
     for key in ("accuracy", "frechet_distance", "clip_score", "clip_score_images"):
         assert judged[key] == on_disk[key], key
+    from test_run import wandb_records
+
+    records = wandb_records(tmp_path / "eval")
+    keys = {item.key or "/".join(item.nested_key) for h in records.get("history", []) for item in h.history.item}
+    assert {"accuracy", "clip_score", "clip_score_images", "images"} <= keys
 
 
 def test_run_py_names_a_missing_metric_weight_before_the_model_is_read(no_weights, tmp_path, monkeypatch):
