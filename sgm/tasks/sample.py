@@ -129,7 +129,7 @@ def validate(cfg: DictConfig) -> SamplePlan:
     ``grid_columns``, ``H``/``W``, ``strength`` with ``img2img_schedule``, ``refiner_switch``
     (its range with a refiner), the aesthetic scores), then prompts and wildcards, checkpoint
     paths, the logger, LoRA file headers and the init image; last the objects that are cheap
-    to make (sampler, schedule, patches, the digit metrics, which read their small classifier)."""
+    to make (sampler, schedule, patches) and the metrics (conf/metrics), which read their own weights."""
     seed = check_seed(cfg.seed)
     steps = check_int("steps", cfg.steps)
     batch_size = check_int("batch_size", cfg.batch_size)
