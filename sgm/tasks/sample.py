@@ -22,6 +22,8 @@ from ..data.prompts import PromptDataModule, PromptJob, make_jobs, read_prompt_f
 from ..data.reading import ImageReadError, image_to_tensor, read_image
 from ..diffusion._checks import check_finite, check_int
 from ..diffusion.schedule import img2img_start, split_index
+from ..inpaint.setup import check_checkpoint_channels, load_inpainting
+from .hires import check_hires
 from .common import (apply_runtime_settings, build_engine, build_weak_engine, check_logger, check_size,
                      check_weak_model, check_weights, instantiate_callbacks, make_logger, provenance, run_dir)
 from .wandb_logger import finish_wandb
@@ -119,6 +121,8 @@ class SamplePlan:
     image_metrics: Any
     out_dir: Path
     weak_model: bool = False  # the guider wants a second engine (autoguidance): run() builds it
+    inpaint: Any = None  # sgm.inpaint.Inpainting (mask= / outpaint=)
+    hires: Any = None  # sgm.tasks.hires.HiresFix (hires=latent|pixel)
 
 
 def validate(cfg: DictConfig) -> SamplePlan:
@@ -157,7 +161,10 @@ def validate(cfg: DictConfig) -> SamplePlan:
     check_weights(cfg.get("weights"))
     check_logger(cfg)
     lora_files, lora_strengths = check_lora(cfg.get("lora"))
-    init_image = load_init_image(cfg.init_image, H, W) if cfg.get("init_image") else None
+    check_checkpoint_channels(cfg.model, cfg.get("weights"))
+    inpaint = load_inpainting(cfg, H, W)
+    init_image = load_init_image(cfg.init_image, H, W) if cfg.get("init_image") and inpaint is None else None
+    hires = check_hires(cfg, H, W, inpaint)
     sampler = instantiate(cfg.sampler)
     weak_model = check_weak_guider(cfg, sampler)  # before the metrics, which read their classifier
     return SamplePlan(
@@ -167,7 +174,7 @@ def validate(cfg: DictConfig) -> SamplePlan:
         lora_files=lora_files, lora_strengths=lora_strengths, init_image=init_image,
         patches=instantiate(cfg.patches) if cfg.get("patches") else None,  # FreeU: the base model only
         image_metrics=instantiate(cfg.metrics) if cfg.get("metrics") is not None else None, out_dir=run_dir(),
-        weak_model=weak_model)
+        weak_model=weak_model, inpaint=inpaint, hires=hires)
 
 
 def check_weak_guider(cfg: DictConfig, sampler: Any) -> bool:
@@ -216,12 +223,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                 negative_aesthetic_score=plan.aesthetic_scores[1])
     if plan.init_image is not None:
         engine.set_init_image(plan.init_image)
+    if plan.inpaint is not None:
+        engine.set_inpaint(plan.inpaint)
+    if plan.hires is not None:
+        plan.hires.configure(engine, plan.discretization, plan.steps, plan.img2img_schedule)
+        engine.set_hires(plan.hires)
     log.info("sampler: %r, schedule: %r, %d steps", plan.sampler, plan.discretization, plan.steps)
 
     callbacks = instantiate_callbacks(
         cfg.get("callbacks"), total_images=len(plan.jobs), provenance=provenance(cfg), image_metrics=plan.image_metrics,
         extra_metrics={"steps": plan.steps, "sampler": type(plan.sampler).__name__, "seed": plan.seed,
-                       "H": plan.H, "W": plan.W})
+                       "H": plan.H, "W": plan.W, **({"hires_H": plan.hires.size[0], "hires_W": plan.hires.size[1]} if plan.hires else {})})
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_logger(cfg, plan.out_dir) or False)
     trainer.predict(engine, datamodule=PromptDataModule(plan.jobs, plan.batch_size), return_predictions=False)
     finish_wandb(trainer)
