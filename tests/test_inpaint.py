@@ -327,3 +327,14 @@ def files(tmp_path):
 def test_bad_inpainting_input_fails_before_weights(no_weights, previous_run, files, overrides, error, message):
     with pytest.raises(error, match=message):
         run_sample(previous_run, *[o.format(d=files) for o in overrides])
+
+
+def test_sdxl_inpaint_config_is_sdxl_base_with_a_nine_channel_input(compose):
+    base, inpaint = compose("sample", ["model=sdxl_base"]), compose("sample", ["model=sdxl_inpaint"])
+    assert inpaint.model.network.in_channels == 9 and inpaint.model.network.out_channels == 4
+    inpaint.model.network.in_channels = 4
+    assert inpaint.model == base.model and inpaint.weights == base.weights
+    with torch.device("meta"):
+        unet = instantiate(compose("sample", ["model=sdxl_inpaint"]).model.network)
+    assert tuple(unet.state_dict()["input_blocks.0.0.weight"].shape) == (320, 9, 3, 3)
+    assert FIRST_CONV == "model.diffusion_model.input_blocks.0.0.weight"
