@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from ..data.reading import to_rgb
+from ..data.reading import image_file, to_rgb
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -36,20 +36,16 @@ def mask_from_pil(im: Image.Image) -> Image.Image:
 
 def read_mask(path: str | Path) -> Image.Image:
     """The mask file as an 8-bit "L" image (:func:`mask_from_pil`); errors name ``mask`` and the file."""
-    path = Path(str(path))
-    if path.is_dir():
-        raise IsADirectoryError(f"mask {str(path)!r} is a directory, not an image file")
-    if not path.is_file():
-        raise FileNotFoundError(f"mask {str(path)!r} does not exist")
+    path = image_file(path, "mask")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 out = mask_from_pil(im)
                 out.load()
-                return out
+        return out
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ValueError(f"mask {str(path)!r} is too large to decode safely ({exc})") from exc
+        raise ValueError(f"mask {str(path)!r} is too large to decode safely ({exc}): downscale it first") from exc
     except Exception as exc:  # noqa: BLE001 - any decoder failure: the file is not a usable image
         raise ValueError(f"mask {str(path)!r} is not a readable image ({type(exc).__name__}: {exc})") from exc
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
 from ..data.prompts import PromptDataModule, PromptJob, make_jobs, read_prompt_file
-from ..data.reading import ImageReadError, image_to_tensor, read_image
+from ..data.reading import ImageReadError, image_file, image_to_tensor, read_image
 from ..diffusion._checks import check_finite, check_int
 from ..diffusion.schedule import img2img_start, split_index
 from ..inpaint.setup import check_checkpoint_channels, load_inpainting
@@ -49,11 +49,7 @@ def load_init_image(path: str | Path, height: int, width: int) -> torch.Tensor:
     """``init_image`` as a [1, 3, H, W] tensor in [-1, 1]: the project's image reader
     (:func:`sgm.data.reading.read_image`: 16-bit, float, palette, alpha, CMYK, EXIF orientation),
     resized to the output size. An image over Pillow's decompression-bomb limit is refused."""
-    path = Path(str(path))
-    if path.is_dir():
-        raise IsADirectoryError(f"init_image {str(path)!r} is a directory, not an image file")
-    if not path.is_file():
-        raise FileNotFoundError(f"init_image {str(path)!r} does not exist")
+    path = image_file(path, "init_image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
