@@ -267,11 +267,17 @@ def test_inpainting_repaints_the_masked_half_and_keeps_the_rest(three, tmp_path)
     before, after = _pixels(init), _pixels(out / "00000.png")
     assert np.array_equal(after[:, :16], before[:, :16])  # pasted back: exact
     assert np.abs(after[:, 16:] - before[:, 16:]).mean() > 5
+
+
+@pytest.mark.slow
+def test_without_paste_back_the_kept_half_is_the_vaes_reconstruction(three, tmp_path):
+    init, mask = three
+    before = _pixels(init)
     out2 = tmp_path / "no_paste"
     run_sample(out2, *DIGIT_RUN[2:], "~metrics", "prompt=a handwritten digit eight", f"init_image={init}",
                f"mask={mask}", "inpaint_paste=false", "mask_blur=1.5")
     kept = _pixels(out2 / "00000.png")[:, :12]  # the VAE's reconstruction of the kept area
-    assert np.abs(kept - before[:, :12]).mean() < 20
+    assert 0 < np.abs(kept - before[:, :12]).mean() < 20  # close, not exact: what paste-back fixes
 
 
 def test_outpainting_keeps_the_image_and_fills_the_new_strip(three, tmp_path):
