@@ -128,6 +128,14 @@ class DiffusionEngine(L.LightningModule):
         self._init_image: torch.Tensor | None = None
         self._inpaint: Any = None  # sgm.inpaint.Inpainting
         self._hires: Any = None  # sgm.tasks.hires.HiresFix
+        self.prompt_options: Any = None  # sgm.conditioning.prompt_schedule.PromptOptions (run.py's prompt_syntax)
+
+    def set_prompt_options(self, options: Any) -> None:
+        """How prompts are read (``prompt_syntax``, embeddings, ``clip_skip``; a ``PromptOptions``)."""
+        from .conditioning.prompt_schedule import apply_clip_skip
+
+        apply_clip_skip(self.conditioner, options.clip_skip)
+        self.prompt_options = options
 
     def set_init_image(self, image: torch.Tensor | None) -> None:
         """An image [1, 3, H, W] in [-1, 1] for img2img (``strength`` < 1 keeps more of it)."""
@@ -259,7 +267,21 @@ class DiffusionEngine(L.LightningModule):
     @torch.no_grad()
     def get_conditionings(self, prompts: Sequence[str], negative_prompts: Sequence[str], height: int, width: int,
                           aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, **size: Any) -> tuple[dict, dict]:
-        """(cond, uc) for a batch; an empty negative prompt is the unconditional branch (:meth:`conditioning`)."""
+        """(cond, uc) for a batch; an empty negative prompt is the unconditional branch (:meth:`conditioning`).
+        With a prompt syntax (:meth:`set_prompt_options`) prompts are parsed, weighted and scheduled over
+        the configured schedule's steps (:func:`sgm.conditioning.prompt_schedule.scheduled_conditionings`)."""
+        if self.prompt_options is not None and self.prompt_options.syntax != "none":
+            from .conditioning.prompt_schedule import scheduled_conditionings
+
+            return scheduled_conditionings(self, prompts, negative_prompts, height, width, aesthetic_score,
+                                           negative_aesthetic_score, sigmas=self.predict_options.get("sigmas"), **size)
+        return self.plain_conditionings(prompts, negative_prompts, height, width, aesthetic_score,
+                                        negative_aesthetic_score, **size)
+
+    def plain_conditionings(self, prompts: Sequence[str], negative_prompts: Sequence[str], height: int, width: int,
+                            aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
+                            **size: Any) -> tuple[dict, dict]:
+        """(cond, uc) with prompts as plain text."""
         batch_c = self.make_batch(prompts, height, width, aesthetic_score=aesthetic_score, **size)
         batch_uc = self.make_batch(negative_prompts, height, width, aesthetic_score=negative_aesthetic_score, **size)
         return self.conditioning(batch_c), self.conditioning(batch_uc, self.empty_captions(negative_prompts))

@@ -344,3 +344,14 @@ def test_sdxl_inpaint_config_is_sdxl_base_with_a_nine_channel_input(compose):
         unet = instantiate(compose("sample", ["model=sdxl_inpaint"]).model.network)
     assert tuple(unet.state_dict()["input_blocks.0.0.weight"].shape) == (320, 9, 3, 3)
     assert FIRST_CONV == "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def test_concat_channels_reach_every_step_of_a_prompt_schedule():
+    from sgm.conditioning.prompt_schedule import CondSchedule
+    from sgm.inpaint.unet9 import with_concat
+
+    extra = torch.ones(1, 5, 2, 2)
+    sched = CondSchedule([3.0, 1.0, 0.0], [1, 2], [{"crossattn": torch.zeros(1)}, {"crossattn": torch.ones(1)}])
+    out = with_concat(sched, extra)
+    assert isinstance(out, CondSchedule) and all(c["concat"] is extra for c in out.conds)
+    assert out.at(1.0)["crossattn"].item() == 1.0 and out["concat"] is extra

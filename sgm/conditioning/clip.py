@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .embedders import EOS_ID, AbstractEmbModel, add_state_dict_hooks, tokenize
+from .embedders import EOS_ID, AbstractEmbModel, add_state_dict_hooks, as_text_list, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -136,22 +136,46 @@ class FrozenCLIPEmbedder(AbstractEmbModel):
         return {"crossattn": width, "vector": width} if self.return_pooled else {"crossattn": width}
 
     # ------------------------------------------------------------------ forward
+    embedding_key = "clip_l"  # the tensor of an SDXL textual-inversion file for this encoder
+    tokenizer_clean = "transformers"
+    pad_id = EOS_ID
+    clip_skip: int | None = None  # N: hidden_states[-N] (1: the last layer's output, no final norm); None: ``layer``
+    prompt_mode: Any = None  # a :class:`~.weighting.PromptMode`: prompts are parsed, chunked and weighted
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self._embeddings().token_embedding
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
     def forward(self, text: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``text``: prompts (str or list of str) or ready tokens [B, L] (int64)."""
-        device = self._embeddings().token_embedding.weight.device
-        tokens = text if isinstance(text, torch.Tensor) else self.tokenize(text)
+        if self.prompt_mode is not None and not isinstance(text, torch.Tensor) and self.layer != "pooled":
+            from .weighting import encode_prompts
+
+            z, pooled = encode_prompts(self, as_text_list(text), self.prompt_mode)
+        else:
+            z, pooled = self.encode_tokens(text if isinstance(text, torch.Tensor) else self.tokenize(text))
+        return (z, pooled) if self.return_pooled else z
+
+    def encode_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the selected layer's output [B, L, hidden], the pooled output [B, hidden]) of tokens [B, L]."""
+        device = self.token_embedding.weight.device
         tokens = tokens.to(device)
         positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand(tokens.shape[0], -1)
-        out = self.transformer(
-            input_ids=tokens, position_ids=positions, output_hidden_states=self.layer == "hidden", return_dict=True
-        )
-        if self.layer == "last":
+        hidden = self.layer == "hidden" or self.clip_skip is not None
+        out = self.transformer(input_ids=tokens, position_ids=positions, output_hidden_states=hidden, return_dict=True)
+        if self.clip_skip is not None:
+            z = out.hidden_states[-self.clip_skip]
+        elif self.layer == "last":
             z = out.last_hidden_state
         elif self.layer == "pooled":
             z = out.pooler_output[:, None, :]
         else:
             z = out.hidden_states[self.layer_idx]
-        return (z, out.pooler_output) if self.return_pooled else z
+        return z, out.pooler_output
 
     def encode(self, text: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return self(text)

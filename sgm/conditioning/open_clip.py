@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .embedders import AbstractEmbModel, causal_mask, tokenize
+from .embedders import AbstractEmbModel, as_text_list, causal_mask, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -129,21 +129,45 @@ class FrozenOpenCLIPEmbedder2(AbstractEmbModel):
             self.model.attn_mask = causal_mask(mask.shape[0], torch.float32, weight.device)
 
     # ------------------------------------------------------------------ forward
+    embedding_key = "clip_g"  # the tensor of an SDXL textual-inversion file for this encoder
+    tokenizer_clean = "open_clip"
+    pad_id = 0
+    clip_skip: int | None = None  # N: the N-th hidden state from the last (1: the last block's output); None: ``layer``
+    prompt_mode: Any = None  # a :class:`~.weighting.PromptMode`: prompts are parsed, chunked and weighted
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.token_embedding
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.transformer.resblocks)
+
     def forward(self, text: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``text``: prompts (str or list of str) or ready tokens [B, L] (int64)."""
+        if self.prompt_mode is not None and not isinstance(text, torch.Tensor):
+            from .weighting import encode_prompts
+
+            z, pooled = encode_prompts(self, as_text_list(text), self.prompt_mode)
+        else:
+            z, pooled = self.encode_tokens(text if isinstance(text, torch.Tensor) else self.tokenize(text))
+        return (z, pooled) if self.return_pooled else z
+
+    def encode_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the selected layer's output [B, L, width] (``ln_final``-ed when legacy), the pooled
+        [B, embed_dim] when ``always_return_pooled``, else None) of tokens [B, L]."""
         m = self.model
-        device = m.token_embedding.weight.device
-        tokens = (text if isinstance(text, torch.Tensor) else self.tokenize(text)).to(device)
+        tokens = tokens.to(m.token_embedding.weight.device)
         hidden = self.encode_with_transformer(tokens)
-        z = hidden[self.layer]
+        z = hidden["skip" if self.clip_skip is not None else self.layer]
         if self.legacy:
-            return m.ln_final(z)
-        if self.return_pooled:
-            return z, self.pool(m.ln_final(hidden["last"]), tokens)
-        return z
+            return m.ln_final(z), None
+        return z, self.pool(m.ln_final(hidden["last"]), tokens) if self.return_pooled else None
 
     def encode_with_transformer(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"penultimate": input of the last block, "last": its output} (the latter only when needed)."""
+        """{"penultimate": input of the last block, "last": its output} (the latter only when needed);
+        with ``clip_skip`` N also "skip", the N-th hidden state from the last (hidden states: the
+        blocks' input, then each block's output)."""
         m = self.model
         length = tokens.shape[1]
         x = m.token_embedding(tokens)
@@ -153,15 +177,20 @@ class FrozenOpenCLIPEmbedder2(AbstractEmbModel):
         if not batch_first:  # open_clip < 2.23 runs its blocks sequence-first
             x = x.transpose(0, 1)
         blocks = m.transformer.resblocks
-        need_last = self.layer == "last" or self.return_pooled
+        skip_at = None if self.clip_skip is None else len(blocks) + 1 - self.clip_skip  # blocks run before it
+        need_last = self.layer == "last" or self.return_pooled or skip_at == len(blocks)
         out: dict[str, torch.Tensor] = {}
         for i, block in enumerate(blocks):
+            if i == skip_at:
+                out["skip"] = x if batch_first else x.transpose(0, 1)
             if i == len(blocks) - 1:
                 out["penultimate"] = x if batch_first else x.transpose(0, 1)
                 if not need_last:
                     return out
             x = block(x, attn_mask=mask)
         out["last"] = x if batch_first else x.transpose(0, 1)
+        if skip_at == len(blocks):
+            out["skip"] = out["last"]
         return out
 
     def pool(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..conditioning.prompt_schedule import CondSchedule
 from .mask import binarize
 
 CONCAT_KEY = "concat"
@@ -45,5 +46,8 @@ def extra_channels(engine: Any) -> int:
 
 
 def with_concat(cond: dict, concat: torch.Tensor) -> dict:
-    """``cond`` with the inpainting channels (one row per image) under ``concat``."""
+    """``cond`` with the inpainting channels (one row per image) under ``concat``; a prompt-editing
+    :class:`~sgm.conditioning.prompt_schedule.CondSchedule` gets them in every step's conditioning."""
+    if isinstance(cond, CondSchedule):
+        return CondSchedule(cond.sigmas, cond.ends, [{**c, CONCAT_KEY: concat} for c in cond.conds])
     return {**cond, CONCAT_KEY: concat}

@@ -119,6 +119,7 @@ class SamplePlan:
     weak_model: bool = False  # the guider wants a second engine (autoguidance): run() builds it
     inpaint: Any = None  # sgm.inpaint.Inpainting (mask= / outpaint=)
     hires: Any = None  # sgm.tasks.hires.HiresFix (hires=latent|pixel)
+    prompt_options: Any = None  # prompt_syntax, embeddings, clip_skip (sgm.conditioning.prompt_schedule)
 
 
 def validate(cfg: DictConfig) -> SamplePlan:
@@ -128,7 +129,7 @@ def validate(cfg: DictConfig) -> SamplePlan:
     ``grid_columns``, ``H``/``W``, ``strength`` with ``img2img_schedule``, ``refiner_switch``
     (its range with a refiner), the aesthetic scores), then prompts and wildcards, checkpoint
     paths, the logger, LoRA file headers and the init image; last the objects that are cheap
-    to make (sampler, schedule, patches, the digit metrics, which read their small classifier)."""
+    to make (sampler, schedule, patches) and the metrics (conf/metrics), which read their own weights."""
     seed = check_seed(cfg.seed)
     steps = check_int("steps", cfg.steps)
     batch_size = check_int("batch_size", cfg.batch_size)
@@ -154,6 +155,7 @@ def validate(cfg: DictConfig) -> SamplePlan:
         check_size(cfg.refiner, H, W)
         check_weights(cfg.get("refiner_weights"), "refiner")
     jobs = make_jobs(load_prompts(cfg), str(cfg.negative_prompt or ""), seed, per_prompt, cfg.get("wildcards_dir"))
+    prompt_options = check_prompt_syntax(cfg, jobs, steps)
     check_weights(cfg.get("weights"))
     check_logger(cfg)
     lora_files, lora_strengths = check_lora(cfg.get("lora"))
@@ -170,7 +172,22 @@ def validate(cfg: DictConfig) -> SamplePlan:
         lora_files=lora_files, lora_strengths=lora_strengths, init_image=init_image,
         patches=instantiate(cfg.patches) if cfg.get("patches") else None,  # FreeU: the base model only
         image_metrics=instantiate(cfg.metrics) if cfg.get("metrics") is not None else None, out_dir=run_dir(),
-        weak_model=weak_model, inpaint=inpaint, hires=hires)
+        weak_model=weak_model, inpaint=inpaint, hires=hires, prompt_options=prompt_options)
+
+
+def check_prompt_syntax(cfg: DictConfig, jobs: list[PromptJob], steps: int) -> Any:
+    """``prompt_syntax``, ``clip_skip`` and the textual-inversion files the prompts name (headers only,
+    against the text encoders of the model and refiner built on the meta device)."""
+    from ..conditioning.prompt_schedule import check_prompt_options
+
+    def conditioners() -> list[Any]:
+        nodes = [m.get("conditioner") for m in (cfg.model, cfg.get("refiner")) if m is not None]
+        with torch.device("meta"):
+            return [instantiate(n) for n in nodes if n is not None]
+
+    texts = [t for j in jobs for t in (j.prompt, j.negative_prompt)]
+    return check_prompt_options(cfg.get("prompt_syntax"), cfg.get("embeddings_dir"), cfg.get("clip_skip"), texts,
+                                steps, conditioners)
 
 
 def check_weak_guider(cfg: DictConfig, sampler: Any) -> bool:
@@ -197,6 +214,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     plan = validate(cfg)
     apply_runtime_settings(cfg)
     engine = build_engine(cfg.model, cfg.get("weights"), seed=plan.seed)
+    engine.set_prompt_options(plan.prompt_options)
     if plan.lora_files:
         from ..lora import load_lora_files
 
@@ -208,6 +226,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     refiner = None
     if cfg.get("refiner") is not None:
         refiner = build_engine(cfg.refiner, cfg.get("refiner_weights"), seed=plan.seed, what="refiner")
+        refiner.set_prompt_options(plan.prompt_options)
     if plan.weak_model:  # seeded apart from the main model, so a random weak UNet of its shape is another one
         weak = build_weak_engine(cfg.weak_model, cfg.get("weak_weights"), engine, seed=plan.seed + 1)
         plan.sampler.guider.set_weak(weak)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ...conditioning.prompt_schedule import at_sigma
 from ...config import build_part
 from .._checks import check_int
 from ..guiders import Guided, IdentityGuider
@@ -103,6 +104,7 @@ class BaseDiffusionSampler:
     def guided(self, denoise: DenoiseFn, x: torch.Tensor, sigma: float, cond: dict, uc: dict) -> Guided:
         """The guider's step at scalar noise level ``sigma``: the x0 and every branch's prediction."""
         s = x.new_full((x.shape[0],), sigma)
+        cond, uc = at_sigma(cond, sigma), at_sigma(uc, sigma)  # prompt editing: this step's conditioning
         if hasattr(self.guider, "guide"):
             return self.guider.guide(denoise, x, s, cond, uc)
         x_in, s_in, c_in = self.guider.prepare_inputs(x, s, cond, uc)  # a guider with only sgm's API
