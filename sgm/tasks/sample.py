@@ -19,9 +19,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
 from ..data.prompts import PromptDataModule, PromptJob, make_jobs, read_prompt_file
-from ..data.reading import ImageReadError, image_to_tensor, read_image
+from ..data.reading import ImageReadError, image_file, image_to_tensor, read_image
 from ..diffusion._checks import check_finite, check_int
 from ..diffusion.schedule import img2img_start, split_index
+from ..inpaint.setup import check_checkpoint_channels, load_inpainting
+from .hires import check_hires
 from .common import (apply_runtime_settings, build_engine, build_weak_engine, check_logger, check_size,
                      check_weak_model, check_weights, instantiate_callbacks, make_logger, provenance, run_dir)
 from .extras import check_conventions, record_config
@@ -48,11 +50,7 @@ def load_init_image(path: str | Path, height: int, width: int) -> torch.Tensor:
     """``init_image`` as a [1, 3, H, W] tensor in [-1, 1]: the project's image reader
     (:func:`sgm.data.reading.read_image`: 16-bit, float, palette, alpha, CMYK, EXIF orientation),
     resized to the output size. An image over Pillow's decompression-bomb limit is refused."""
-    path = Path(str(path))
-    if path.is_dir():
-        raise IsADirectoryError(f"init_image {str(path)!r} is a directory, not an image file")
-    if not path.is_file():
-        raise FileNotFoundError(f"init_image {str(path)!r} does not exist")
+    path = image_file(path, "init_image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -121,6 +119,8 @@ class SamplePlan:
     out_dir: Path
     weak_model: bool = False  # the guider wants a second engine (autoguidance): run() builds it
     tags: tuple[str, ...] = ()  # the run's tags (metrics.json, the loggers)
+    inpaint: Any = None  # sgm.inpaint.Inpainting (mask= / outpaint=)
+    hires: Any = None  # sgm.tasks.hires.HiresFix (hires=latent|pixel)
     prompt_options: Any = None  # prompt_syntax, embeddings, clip_skip (sgm.conditioning.prompt_schedule)
 
 
@@ -162,7 +162,10 @@ def validate(cfg: DictConfig) -> SamplePlan:
     check_logger(cfg)
     tags = check_conventions(cfg)  # tags, the trainer's device
     lora_files, lora_strengths = check_lora(cfg.get("lora"))
-    init_image = load_init_image(cfg.init_image, H, W) if cfg.get("init_image") else None
+    check_checkpoint_channels(cfg.model, cfg.get("weights"))
+    inpaint = load_inpainting(cfg, H, W)
+    init_image = load_init_image(cfg.init_image, H, W) if cfg.get("init_image") and inpaint is None else None
+    hires = check_hires(cfg, H, W, inpaint)
     sampler = instantiate(cfg.sampler)
     weak_model = check_weak_guider(cfg, sampler)  # before the metrics, which read their classifier
     return SamplePlan(
@@ -172,7 +175,7 @@ def validate(cfg: DictConfig) -> SamplePlan:
         lora_files=lora_files, lora_strengths=lora_strengths, init_image=init_image,
         patches=instantiate(cfg.patches) if cfg.get("patches") else None,  # FreeU: the base model only
         image_metrics=instantiate(cfg.metrics) if cfg.get("metrics") is not None else None, out_dir=run_dir(),
-        weak_model=weak_model, tags=tuple(tags), prompt_options=prompt_options)
+        weak_model=weak_model, tags=tuple(tags), inpaint=inpaint, hires=hires, prompt_options=prompt_options)
 
 
 def check_prompt_syntax(cfg: DictConfig, jobs: list[PromptJob], steps: int) -> Any:
@@ -239,12 +242,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                 negative_aesthetic_score=plan.aesthetic_scores[1])
     if plan.init_image is not None:
         engine.set_init_image(plan.init_image)
+    if plan.inpaint is not None:
+        engine.set_inpaint(plan.inpaint)
+    if plan.hires is not None:
+        plan.hires.configure(engine, plan.discretization, plan.steps, plan.img2img_schedule)
+        engine.set_hires(plan.hires)
     log.info("sampler: %r, schedule: %r, %d steps", plan.sampler, plan.discretization, plan.steps)
 
     callbacks = instantiate_callbacks(
         cfg.get("callbacks"), total_images=len(plan.jobs), provenance=provenance(cfg), image_metrics=plan.image_metrics,
         extra_metrics={"steps": plan.steps, "sampler": type(plan.sampler).__name__, "seed": plan.seed,
-                       "H": plan.H, "W": plan.W, "tags": list(plan.tags)})
+                       "H": plan.H, "W": plan.W, "tags": list(plan.tags),
+                       **({"hires_H": plan.hires.size[0], "hires_W": plan.hires.size[1]} if plan.hires else {})})
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_logger(cfg, plan.out_dir) or False)
     trainer.predict(engine, datamodule=PromptDataModule(plan.jobs, plan.batch_size), return_predictions=False)
     finish_wandb(trainer)
