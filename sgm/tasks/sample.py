@@ -22,6 +22,7 @@ from ..data.prompts import PromptDataModule, PromptJob, make_jobs, read_prompt_f
 from ..data.reading import ImageReadError, image_to_tensor, read_image
 from ..diffusion._checks import check_finite, check_int
 from ..diffusion.schedule import img2img_start, split_index
+from ..networks.compile import CompileSettings, apply_compile, compile_settings
 from .common import (apply_runtime_settings, build_engine, build_weak_engine, check_logger, check_size,
                      check_weak_model, check_weights, instantiate_callbacks, make_logger, provenance, run_dir)
 from .wandb_logger import finish_wandb
@@ -119,6 +120,7 @@ class SamplePlan:
     image_metrics: Any
     out_dir: Path
     weak_model: bool = False  # the guider wants a second engine (autoguidance): run() builds it
+    compile: CompileSettings = CompileSettings()  # the `compile` node, checked
 
 
 def validate(cfg: DictConfig) -> SamplePlan:
@@ -160,6 +162,7 @@ def validate(cfg: DictConfig) -> SamplePlan:
     init_image = load_init_image(cfg.init_image, H, W) if cfg.get("init_image") else None
     sampler = instantiate(cfg.sampler)
     weak_model = check_weak_guider(cfg, sampler)  # before the metrics, which read their classifier
+    compiling = compile_settings(cfg.get("compile"))
     return SamplePlan(
         jobs=jobs, H=H, W=W, seed=seed, steps=steps, batch_size=batch_size, strength=strength,
         img2img_schedule=schedule, refiner_switch=refiner_switch, aesthetic_scores=aesthetic_scores,
@@ -167,7 +170,7 @@ def validate(cfg: DictConfig) -> SamplePlan:
         lora_files=lora_files, lora_strengths=lora_strengths, init_image=init_image,
         patches=instantiate(cfg.patches) if cfg.get("patches") else None,  # FreeU: the base model only
         image_metrics=instantiate(cfg.metrics) if cfg.get("metrics") is not None else None, out_dir=run_dir(),
-        weak_model=weak_model)
+        weak_model=weak_model, compile=compiling)
 
 
 def check_weak_guider(cfg: DictConfig, sampler: Any) -> bool:
@@ -205,6 +208,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     refiner = None
     if cfg.get("refiner") is not None:
         refiner = build_engine(cfg.refiner, cfg.get("refiner_weights"), seed=plan.seed, what="refiner")
+    if plan.compile.active:  # after LoRA merges and patches: fused weights are made of the final ones
+        for e in (engine, refiner) if refiner is not None else (engine,):
+            log.info("compile: %s", apply_compile(e, plan.compile))
     if plan.weak_model:  # seeded apart from the main model, so a random weak UNet of its shape is another one
         weak = build_weak_engine(cfg.weak_model, cfg.get("weak_weights"), engine, seed=plan.seed + 1)
         plan.sampler.guider.set_weak(weak)
