@@ -164,7 +164,7 @@ def section_cpu_vs_diffusers(args: argparse.Namespace) -> tuple[str, dict]:
     from hydra.utils import instantiate
 
     torch.set_num_threads(bm.THREADS)
-    snap = bm.cpu_snapshot()
+    snap, t_start = bm.cpu_snapshot(), time.perf_counter()
     steps, repeats, scale = args.steps, args.repeats, 5.0
     cfg, engine = bm.build(["model=tiny", *diffusers_sdxl.MATCHING_SCHEDULE, "guider=cfg", f"guider.scale={scale}",
                             f"steps={steps}", "progress=false"])
@@ -214,7 +214,9 @@ def section_cpu_vs_diffusers(args: argparse.Namespace) -> tuple[str, dict]:
     lead = min(c["ratio"]["total"] for c in raw["cases"])
     fw = max(c["framework_ours"] for c in raw["cases"])
     md = [f"Reproduce: `python experiments/benchmark.py --sections cpu_vs_diffusers --threads {bm.THREADS} "
-          f"--out docs/benchmarks.md` (a few minutes).", "",
+          f"--steps {steps} --repeats {repeats} --sdxl-unet-repeats {args.sdxl_unet_repeats} "
+          f"--out docs/benchmarks.md` (this run: {(time.perf_counter() - t_start) / 60:.0f} minutes, most of it the "
+          f"SDXL UNet).", "",
           f"Machine: {bm.machine_line()}. Other processes used {busy * 100:.0f}% of the machine's CPU time during "
           f"these measurements (from `/proc/stat`), so every comparison is interleaved and reported as the median "
           f"of paired ratios.", "",
