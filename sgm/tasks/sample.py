@@ -24,6 +24,7 @@ from ..diffusion._checks import check_finite, check_int
 from ..diffusion.schedule import img2img_start, split_index
 from ..inpaint.setup import check_checkpoint_channels, load_inpainting
 from .hires import check_hires
+from ..networks.compile import CompileSettings, apply_compile, compile_settings
 from .common import (apply_runtime_settings, build_engine, build_weak_engine, check_logger, check_size,
                      check_weak_model, check_weights, instantiate_callbacks, make_logger, provenance, run_dir)
 from .extras import check_conventions, record_config
@@ -122,6 +123,7 @@ class SamplePlan:
     inpaint: Any = None  # sgm.inpaint.Inpainting (mask= / outpaint=)
     hires: Any = None  # sgm.tasks.hires.HiresFix (hires=latent|pixel)
     prompt_options: Any = None  # prompt_syntax, embeddings, clip_skip (sgm.conditioning.prompt_schedule)
+    compile: CompileSettings = CompileSettings()  # the `compile` node, checked
 
 
 def validate(cfg: DictConfig) -> SamplePlan:
@@ -168,6 +170,7 @@ def validate(cfg: DictConfig) -> SamplePlan:
     hires = check_hires(cfg, H, W, inpaint)
     sampler = instantiate(cfg.sampler)
     weak_model = check_weak_guider(cfg, sampler)  # before the metrics, which read their classifier
+    compiling = compile_settings(cfg.get("compile"))
     return SamplePlan(
         jobs=jobs, H=H, W=W, seed=seed, steps=steps, batch_size=batch_size, strength=strength,
         img2img_schedule=schedule, refiner_switch=refiner_switch, aesthetic_scores=aesthetic_scores,
@@ -175,7 +178,8 @@ def validate(cfg: DictConfig) -> SamplePlan:
         lora_files=lora_files, lora_strengths=lora_strengths, init_image=init_image,
         patches=instantiate(cfg.patches) if cfg.get("patches") else None,  # FreeU: the base model only
         image_metrics=instantiate(cfg.metrics) if cfg.get("metrics") is not None else None, out_dir=run_dir(),
-        weak_model=weak_model, tags=tuple(tags), inpaint=inpaint, hires=hires, prompt_options=prompt_options)
+        weak_model=weak_model, tags=tuple(tags), inpaint=inpaint, hires=hires, prompt_options=prompt_options,
+        compile=compiling)
 
 
 def check_prompt_syntax(cfg: DictConfig, jobs: list[PromptJob], steps: int) -> Any:
@@ -231,6 +235,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("refiner") is not None:
         refiner = build_engine(cfg.refiner, cfg.get("refiner_weights"), seed=plan.seed, what="refiner")
         refiner.set_prompt_options(plan.prompt_options)
+    if plan.compile.active:  # after LoRA merges and patches: fused weights are made of the final ones
+        for e in (engine, refiner) if refiner is not None else (engine,):
+            log.info("compile: %s", apply_compile(e, plan.compile))
     if plan.weak_model:  # seeded apart from the main model, so a random weak UNet of its shape is another one
         weak = build_weak_engine(cfg.weak_model, cfg.get("weak_weights"), engine, seed=plan.seed + 1)
         plan.sampler.guider.set_weak(weak)
