@@ -135,7 +135,7 @@ class FrozenCLIPEmbedder(AbstractEmbModel):
         width = self.config.hidden_size
         return {"crossattn": width, "vector": width} if self.return_pooled else {"crossattn": width}
 
-    def zero_outputs(self, text: Any) -> tuple[torch.Tensor, ...]:
+    def zero_outputs(self, text: Any) -> tuple[torch.Tensor, ...] | None:
         length = 1 if self.layer == "pooled" else None
         return text_zero_outputs(self, text, self._embeddings().token_embedding.weight, length)
 

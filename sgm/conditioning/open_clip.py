@@ -128,7 +128,7 @@ class FrozenOpenCLIPEmbedder2(AbstractEmbModel):
         if mask is not None and mask.is_meta and not weight.is_meta:
             self.model.attn_mask = causal_mask(mask.shape[0], torch.float32, weight.device)
 
-    def zero_outputs(self, text: Any) -> tuple[torch.Tensor, ...]:
+    def zero_outputs(self, text: Any) -> tuple[torch.Tensor, ...] | None:
         return text_zero_outputs(self, text, self.model.token_embedding.weight)
 
     # ------------------------------------------------------------------ forward
