@@ -52,6 +52,9 @@ SETTINGS: list[tuple[str, list[str]]] = [
 AFTER = 1  # the row of the chosen defaults
 
 
+NOTES = "## Reading the numbers"  # a page's hand-written section from this heading on is kept when it is rewritten
+
+
 def slug(name: str) -> str:
     """A setting's folder name."""
     return "".join(c if c.isalnum() else "_" for c in name.split(":")[0]).strip("_")
@@ -195,7 +198,9 @@ def main() -> None:
             shutil.copyfile(folder / "grid.png", img_dir / f"lora_recipe_{tag}.png")
             images[f"{name}: {args.per_digit_eval} seeds x 10 digits at CFG 5"] = \
                 os.path.relpath(img_dir / f"lora_recipe_{tag}.png", (ROOT / args.out).parent)
-        (ROOT / args.out).write_text(page(args, rows, base, images))
+        out = ROOT / args.out
+        kept = out.read_text().partition(NOTES)[1:] if out.is_file() else ("", "")
+        out.write_text(page(args, rows, base, images) + "".join(kept))  # the hand-written reading stays
         log.info("wrote %s", args.out)
 
 
