@@ -50,7 +50,6 @@ SETTINGS: list[tuple[str, list[str]]] = [
     ("lr 1e-3 (too high)", [*BEFORE, "optimizer.lr=1e-3"]),
     ("lr 1e-3, caption dropout 0.1", [*BEFORE, "optimizer.lr=1e-3", "data.caption_dropout=0.1"]),
 ]
-AFTER = 1  # the row of the chosen defaults
 
 
 NOTES = "## Reading the numbers"  # a page's hand-written section from this heading on is kept when it is rewritten
@@ -130,7 +129,7 @@ def page(args: argparse.Namespace, rows: dict, base: dict, images: dict[str, str
         table.append(f"| {name} | {r['accuracy']:.0%} | {r['frechet_distance']:.0f} | "
                      f"{num(r['val_loss_first'], '.3f')} -> {num(r['val_loss_last'], '.3f')} | "
                      f"{num(r['grad_norm_last'], '.4f')} | {r['cpu_s']:.0f} |")
-    overrides = "\n".join(f"- {name}: `{' '.join(o) or '(none)'}`" for name, o in SETTINGS)
+    overrides = "\n".join(f"- {name}: `{' '.join(o) or '(none)'}`" for name, o in SETTINGS if name in rows)
     pictures = "\n\n".join(f"![{name}]({path})\n\n*{name}*" for name, path in images.items())
     return "\n".join([
         "# A LoRA recipe that keeps the shipped model's skill",
@@ -192,13 +191,10 @@ def main() -> None:
     if args.out:
         img_dir = ROOT / args.images
         img_dir.mkdir(parents=True, exist_ok=True)
-        names = {"shipped model": work / "samples" / "base"}
-        names[SETTINGS[0][0]] = work / slug(SETTINGS[0][0]) / "samples"
-        names[SETTINGS[AFTER][0]] = work / slug(SETTINGS[AFTER][0]) / "samples"
+        grids = {"shipped model": work / "samples" / "base"} | {name: work / slug(name) / "samples" for name in rows}
         images = {}
-        for tag, (name, folder) in zip(("base", "before", "after"), names.items()):
-            if name != "shipped model" and name not in rows:
-                continue  # not measured in this call (--only)
+        for name, folder in grids.items():
+            tag = "base" if folder.parent == work / "samples" else slug(name)
             shutil.copyfile(folder / "grid.png", img_dir / f"lora_recipe_{tag}.png")
             images[f"{name}: {args.per_digit_eval} seeds x 10 digits at CFG 5"] = \
                 os.path.relpath(img_dir / f"lora_recipe_{tag}.png", (ROOT / args.out).parent)
