@@ -29,13 +29,18 @@ def find_ema(trainer: L.Trainer) -> "EMAWeights | None":
 class SampleImages(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end), sample ``prompts`` x ``seeds``
     with the run's sampler (and its guider) over ``steps`` of the run's discretization, and
-    write ``samples/step_NNNNNN.png`` plus a W&B image. EMA weights are used when kept."""
+    write ``samples/step_NNNNNN.png`` plus a W&B image. EMA weights are used when kept.
+
+    ``sample_at_first`` (kohya's ``--sample_at_first``): also sample before the first optimizer
+    step of a fresh run (``step_000000.png``, the base model's own images to compare with); a
+    resumed run does not sample again where it continues."""
 
     def __init__(self, out_dir: str | Path, prompts: Sequence[str], seeds: Sequence[int], every_n_steps: int,
-                 H: int, W: int, sampler: Any, discretization: Any, steps: int = 20):
+                 H: int, W: int, sampler: Any, discretization: Any, steps: int = 20, sample_at_first: bool = False):
         self.out_dir = Path(out_dir) / "samples"
         self.prompts, self.seeds = list(prompts or []), [int(s) for s in seeds]
         self.every_n_steps, self.H, self.W, self.steps = int(every_n_steps), int(H), int(W), int(steps)
+        self.sample_at_first = bool(sample_at_first)
         self.sampler, self.discretization = sampler, discretization
         self.last_step = -1
         self.ema: EMAWeights | None = None
@@ -79,6 +84,10 @@ class SampleImages(L.Callback):
                                  caption=[f"step {step}"])
                 except Exception as exc:  # noqa: BLE001 - logging must not fail training
                     log.warning("could not log sample images: %s", exc)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.sample_at_first and self.every_n_steps > 0 and self.prompts and trainer.global_step == 0:
+            self._run(trainer, pl_module)  # a fresh run only: a resumed one starts at its checkpoint's step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps > 0 and self.prompts and trainer.global_step > 0 \
@@ -132,6 +141,26 @@ class ValidationLoss(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._run(trainer, pl_module)
+
+
+class TrainingMonitor(L.Callback):
+    """The learning rate of each optimizer param group (``lr``; ``lr/pgN`` when there are several,
+    as Lightning's ``LearningRateMonitor``) and the total L2 norm of the gradients before clipping
+    (``grad_norm``), logged with the training loss every ``trainer.log_every_n_steps``, into
+    metrics.csv and W&B. A rising ``grad_norm`` or one pinned at ``gradient_clip_val`` shows a
+    learning rate too high before the samples do."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # Lightning calls this after the gradients are unscaled (mixed precision) and accumulated,
+        # and before gradient clipping: the norm is the one clipping compares with gradient_clip_val
+        grads = [p.grad.detach() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
+            if grads else torch.zeros(())
+        pl_module.log("grad_norm", norm, on_step=True, on_epoch=False, batch_size=1, sync_dist=False)
+        groups = optimizer.param_groups
+        for i, group in enumerate(groups):
+            pl_module.log("lr" if len(groups) == 1 else f"lr/pg{i}", float(group["lr"]), on_step=True,
+                          on_epoch=False, batch_size=1, sync_dist=False)
 
 
 class SaveFinalWeights(L.Callback):
