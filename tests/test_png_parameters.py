@@ -78,7 +78,8 @@ def test_display_names():
         "DPM++ 2M SDE Heun"
     assert a1111.sampler_name({"_target_": "sgm.diffusion.samplers.IPNDMSampler"}, "ipndm") == "ipndm"
     edm = {"_target_": "sgm.diffusion.discretization.EDMDiscretization"}
-    assert a1111.schedule_name(dict(edm, rho=7.0)) == "Karras" and a1111.schedule_name(dict(edm, rho=3.0), "edm") == "edm"
+    assert a1111.schedule_name(dict(edm, rho=7.0)) == "Karras"
+    assert a1111.schedule_name(dict(edm, rho=3.0), "edm") == "edm"
     assert a1111.schedule_name({"_target_": "sgm.diffusion.discretization.SGMUniformDiscretization"}) == "SGM Uniform"
 
 
@@ -146,7 +147,8 @@ def test_from_image_refuses_what_it_cannot_rerun(run_task, tmp_path):
     Image.new("RGB", (8, 8)).save(foreign, pnginfo=info)
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
-    cases = [(foreign, r"""AUTOMATIC1111.*DPM\+\+ 2M.*python run.py 'prompt="a cat"' seed=42 steps=30 guider.scale=5 W=32 H=32"""),
+    hint = r"""python run.py 'prompt="a cat"' seed=42 steps=30 guider.scale=5 W=32 H=32"""
+    cases = [(foreign, r"AUTOMATIC1111.*DPM\+\+ 2M.*" + hint),
              (plain, "no sgm metadata"), (tmp_path / "missing.png", "does not exist")]
     for path, message in cases:
         with pytest.raises((ValueError, FileNotFoundError), match=message):

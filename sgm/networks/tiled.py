@@ -2,8 +2,8 @@
 
 Two things make a plain tiled decode differ from the untiled one: each tile's GroupNorm sees only
 its own statistics, and a tile's convolutions see zeros past its edge. Here every GroupNorm
-uses the statistics of the whole image (per sample and group, the sum and sum of squares of its
-input accumulated tile by tile in float64, the idea of "tiled VAE" hooks such as
+uses the statistics of the whole image (per sample and group, the mean and variance of its
+input merged tile by tile in float64, the idea of "tiled VAE" hooks such as
 multidiffusion-upscaler's), and every tile reads its input with the halo its convolutions need
 (found backwards through the ops, so no overlap parameter is involved), then keeps only the
 pixels whose whole receptive field is real image (or the network's own zero padding at the
@@ -173,33 +173,44 @@ def cores(h: int, w: int, tile: int) -> list[Box]:
 
 
 class GroupStats:
-    """Whole-image GroupNorm statistics, accumulated tile by tile (sum and sum of squares in float64)."""
+    """Whole-image GroupNorm statistics, merged tile by tile in float64 (Chan et al.'s pairwise
+    update of count, mean and sum of squared deviations; per tile a one-pass ``var_mean``, so
+    no tile-sized temporary)."""
 
     def __init__(self, norm: nn.GroupNorm):
         self.norm = norm
-        self.total = self.squares = None
+        self.mean = self.m2 = None
         self.count = 0
 
     def add(self, t: torch.Tensor) -> None:
         b, c = t.shape[:2]
-        x = t.reshape(b, self.norm.num_groups, -1).double()
-        s, q = x.sum(-1), x.square().sum(-1)
-        self.total = s if self.total is None else self.total + s
-        self.squares = q if self.squares is None else self.squares + q
-        self.count += x.shape[-1]
+        var, mean = torch.var_mean(t.float(), dim=(-2, -1), correction=0)  # per channel
+        pixels = t.shape[-2] * t.shape[-1]
+        var, mean = (v.double().reshape(b, self.norm.num_groups, -1) for v in (var, mean))
+        group_mean = mean.mean(-1)
+        m2 = (pixels * (var + (mean - group_mean[..., None]).square())).sum(-1)
+        n = pixels * mean.shape[-1]
+        if self.mean is None:
+            self.mean, self.m2, self.count = group_mean, m2, n
+            return
+        total = self.count + n
+        delta = group_mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
+        self.count = total
 
     def apply(self, t: torch.Tensor) -> torch.Tensor:
-        """``norm(t)`` with the accumulated statistics, computed in float32 (as ``GroupNorm32``)."""
-        mean = self.total / self.count
-        var = (self.squares / self.count - mean.square()).clamp(min=0)
-        scale = torch.rsqrt(var + self.norm.eps).float()
-        shift = (-mean).float() * scale
-        b, c = t.shape[:2]
-        g = self.norm.num_groups
-        x = t.float().reshape(b, g, c // g, *t.shape[2:]) * scale[:, :, None, None, None] + shift[:, :, None, None, None]
-        x = x.reshape(t.shape)
+        """``norm(t)`` with the accumulated statistics, computed in float32 (as ``GroupNorm32``)
+        with one tile-sized result and no other temporary."""
+        c = t.shape[1]
+        per_channel = c // self.norm.num_groups
+        mean = self.mean.repeat_interleave(per_channel, dim=1)
+        scale = torch.rsqrt(self.m2 / self.count + self.norm.eps).repeat_interleave(per_channel, dim=1)
+        bias = torch.zeros_like(mean)
         if self.norm.affine:
-            x = x * self.norm.weight.float()[:, None, None] + self.norm.bias.float()[:, None, None]
+            scale, bias = scale * self.norm.weight.double(), bias + self.norm.bias.double()
+        x = t.float() - mean.float()[..., None, None]
+        x.mul_(scale.float()[..., None, None]).add_(bias.float()[..., None, None])
         return x.to(t.dtype)
 
 
@@ -225,7 +236,7 @@ class _Tiles:
         def inner(core: Box) -> tuple[torch.Tensor, torch.Tensor, Box]:
             box = core.grow(1)
             x = stream.read(box.grow(1))
-            h, hbox = conv3x3(block.conv1, F.silu(s1.apply(x)), box.grow(1))
+            h, hbox = conv3x3(block.conv1, F.silu(s1.apply(x), inplace=True), box.grow(1))
             return x, crop(h, hbox, box), box
 
         s2 = GroupStats(block.norm2)
@@ -235,7 +246,7 @@ class _Tiles:
         out = None
         for core in self.cores(stream.h, stream.w):
             x, h, box = inner(core)
-            h, hbox = conv3x3(block.conv2, block.dropout(F.silu(s2.apply(h))), box)
+            h, hbox = conv3x3(block.conv2, block.dropout(F.silu(s2.apply(h), inplace=True)), box)
             if block.shortcut_name == "conv_shortcut":  # a 3x3 convolution of x
                 x, xbox = conv3x3(block.conv_shortcut, x, box.grow(1))
                 x = crop(x, xbox, core)
@@ -254,7 +265,7 @@ class _Tiles:
         out = None
         for core in self.cores(stream.h, stream.w):
             box = core.grow(1)
-            y, ybox = conv3x3(conv, F.silu(stats.apply(stream.read(box))), box)
+            y, ybox = conv3x3(conv, F.silu(stats.apply(stream.read(box)), inplace=True), box)
             y = crop(y, ybox, core)
             if out is None:
                 out = y.new_empty(y.shape[0], y.shape[1], stream.h, stream.w)

@@ -54,8 +54,8 @@ def _not_ours(path: Path, text: dict[str, str]) -> ValueError:
     from .cli import quoted_override
 
     p = parse_parameters(text["parameters"])
-    hint = [quoted_override(k, v) or f"{k}=..." for k, v in (("prompt", p.prompt), ("negative_prompt", p.negative_prompt))
-            if v]
+    texts = (("prompt", p.prompt), ("negative_prompt", p.negative_prompt))
+    hint = [quoted_override(k, v) or f"{k}=..." for k, v in texts if v]
     f = p.fields
     hint += [f"seed={f['Seed']}"] * ("Seed" in f) + [f"steps={f['Steps']}"] * ("Steps" in f)
     hint += [f"guider.scale={f['CFG scale']}"] * ("CFG scale" in f)
@@ -153,7 +153,8 @@ def rerun_config(cfg: DictConfig) -> DictConfig:
     for key in ("sgm", "torch"):
         here = sgm.__version__ if key == "sgm" else torch.__version__
         if text.get(key) and text[key] != here:
-            log.warning("from_image: the image was made with %s %s, this is %s: pixels may differ", key, text[key], here)
+            log.warning("from_image: the image was made with %s %s, this is %s: pixels may differ",
+                        key, text[key], here)
     _relink(image, cfg)
     for key in OWN:
         image[key] = cfg.get(key)
@@ -177,6 +178,7 @@ def select_images(jobs: list, indices: Any) -> list:
     out = []
     for i in indices:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(jobs):
-            raise ValueError(f"images: {i!r} is not the index of one of the run's {len(jobs)} images (0..{len(jobs) - 1})")
+            raise ValueError(f"images: {i!r} is not the index of one of the run's {len(jobs)} images "
+                             f"(0..{len(jobs) - 1})")
         out.append(jobs[i])
     return out
