@@ -111,7 +111,8 @@ def markdown(rows: list[tuple[str, dict]], size: int, threads: int) -> str:
     untiled = {n.split(",")[0]: m["extra_bytes"] for n, m in rows if n.endswith("untiled")}
     head = [f"SDXL VAE (full width, random weights), {size}x{size} image ({size // 8}x{size // 8} latent), "
             f"float32, CPU, {threads} thread(s):", "",
-            "| case | peak extra memory | vs untiled | seconds | max error / output range |", "|---|---:|---:|---:|---:|"]
+            "| case | peak extra memory | vs untiled | seconds | max error / output range |",
+            "|---|---:|---:|---:|---:|"]
     body = [f"| {n} | {m['extra_bytes'] / 2**20:,.0f} MiB | {m['extra_bytes'] / untiled[n.split(',')[0]]:.2f} | "
             f"{m['seconds']:.1f} | {m['error']:.1e} |" for n, m in rows]
     return "\n".join(head + body) + "\n"

@@ -172,7 +172,8 @@ class AutoencoderKL(nn.Module):
         x = x.to(self.dtype)
         latent = (x.shape[-2] // self.downsample_factor, x.shape[-1] // self.downsample_factor)
         if self.tiled_mode == "exact" and self._uses_tiles(latent, tiled):
-            return DiagonalGaussianDistribution(self.quant_conv(tiled_encode(self.encoder, x, self.tile_size, latent[0])))
+            moments = tiled_encode(self.encoder, x, self.tile_size, latent[0])
+            return DiagonalGaussianDistribution(self.quant_conv(moments))
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def encode(
