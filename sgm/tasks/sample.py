@@ -23,11 +23,14 @@ from ..data.reading import ImageReadError, image_file, image_to_tensor, read_ima
 from ..diffusion._checks import check_finite, check_int
 from ..diffusion.schedule import img2img_start, split_index
 from ..inpaint.setup import check_checkpoint_channels, load_inpainting
-from .hires import check_hires
+from ..networks.autoencoder import check_tiling_config
 from ..networks.compile import CompileSettings, apply_compile, compile_settings
+from .a1111 import run_fields
 from .common import (apply_runtime_settings, build_engine, build_weak_engine, check_logger, check_size,
                      check_weak_model, check_weights, instantiate_callbacks, make_logger, provenance, run_dir)
 from .extras import check_conventions, record_config
+from .from_image import rerun_config, select_images
+from .hires import check_hires
 from .wandb_logger import finish_wandb
 
 log = logging.getLogger(__name__)
@@ -140,6 +143,7 @@ def validate(cfg: DictConfig) -> SamplePlan:
     per_prompt = check_int("num_images_per_prompt", cfg.num_images_per_prompt)
     check_int("grid_columns", cfg.grid_columns)
     H, W = check_size(cfg.model, cfg.H, cfg.W)
+    check_tiling_config(cfg.model.get("first_stage"), "model.first_stage.")
     strength = check_finite("strength", cfg.strength)
     schedule = str(cfg.img2img_schedule)
     start = img2img_start(steps, strength, schedule)
@@ -159,6 +163,7 @@ def validate(cfg: DictConfig) -> SamplePlan:
         check_size(cfg.refiner, H, W)
         check_weights(cfg.get("refiner_weights"), "refiner")
     jobs = make_jobs(load_prompts(cfg), str(cfg.negative_prompt or ""), seed, per_prompt, cfg.get("wildcards_dir"))
+    jobs = select_images(jobs, cfg.get("images"))
     prompt_options = check_prompt_syntax(cfg, jobs, steps)
     check_weights(cfg.get("weights"))
     check_logger(cfg)
@@ -218,6 +223,8 @@ def check_weak_guider(cfg: DictConfig, sampler: Any) -> bool:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Sample every prompt with the configured model and sampler; return the metrics."""
+    if cfg.get("from_image"):
+        cfg = rerun_config(cfg)
     plan = validate(cfg)
     record_config(cfg, plan.out_dir)
     apply_runtime_settings(cfg)
@@ -258,6 +265,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     callbacks = instantiate_callbacks(
         cfg.get("callbacks"), total_images=len(plan.jobs), provenance=provenance(cfg), image_metrics=plan.image_metrics,
+        parameters=run_fields(cfg, plan.steps, plan.H, plan.W, plan.strength, plan.lora_files),
         extra_metrics={"steps": plan.steps, "sampler": type(plan.sampler).__name__, "seed": plan.seed,
                        "H": plan.H, "W": plan.W, "tags": list(plan.tags),
                        **({"hires_H": plan.hires.size[0], "hires_W": plan.hires.size[1]} if plan.hires else {})})
