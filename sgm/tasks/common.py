@@ -22,6 +22,7 @@ import sgm
 from ..checkpoint import CheckpointMismatchError, compare_keys, format_mismatch, load_checkpoint, parse_dtype
 from ..engine import DiffusionEngine
 from ..networks.sizes import check_pixel_size, config_pixel_multiple
+from .wandb_logger import sweep_run_name
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def make_logger(cfg: DictConfig, out_dir: Path) -> Any:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     group = Path(hc.sweep.dir).name if multirun else None
-    name = f"{group}/{hc.job.num}" if multirun else out_dir.name
+    name = sweep_run_name(hc.job.override_dirname, f"{group}/{hc.job.num}") if multirun else out_dir.name
     factory = instantiate(cfg.logger, _partial_=True)  # partial: the run config must not be instantiated
     return factory(save_dir=str(out_dir), name=name, group=group, run_config=OmegaConf.to_container(cfg, resolve=True))
 

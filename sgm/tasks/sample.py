@@ -24,6 +24,7 @@ from ..diffusion._checks import check_finite, check_int
 from ..diffusion.schedule import img2img_start, split_index
 from .common import (apply_runtime_settings, build_engine, build_weak_engine, check_logger, check_size,
                      check_weak_model, check_weights, instantiate_callbacks, make_logger, provenance, run_dir)
+from .search import refuse_sample_run, search_spec
 from .wandb_logger import finish_wandb
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class SamplePlan:
     image_metrics: Any
     out_dir: Path
     weak_model: bool = False  # the guider wants a second engine (autoguidance): run() builds it
+    search: Any = None  # optimized_metric / constraints (sgm.tasks.search.SearchSpec), None when unset
 
 
 def validate(cfg: DictConfig) -> SamplePlan:
@@ -160,14 +162,15 @@ def validate(cfg: DictConfig) -> SamplePlan:
     init_image = load_init_image(cfg.init_image, H, W) if cfg.get("init_image") else None
     sampler = instantiate(cfg.sampler)
     weak_model = check_weak_guider(cfg, sampler)  # before the metrics, which read their classifier
+    image_metrics = instantiate(cfg.metrics) if cfg.get("metrics") is not None else None
     return SamplePlan(
         jobs=jobs, H=H, W=W, seed=seed, steps=steps, batch_size=batch_size, strength=strength,
         img2img_schedule=schedule, refiner_switch=refiner_switch, aesthetic_scores=aesthetic_scores,
         sampler=sampler, discretization=instantiate(cfg.discretization),
         lora_files=lora_files, lora_strengths=lora_strengths, init_image=init_image,
         patches=instantiate(cfg.patches) if cfg.get("patches") else None,  # FreeU: the base model only
-        image_metrics=instantiate(cfg.metrics) if cfg.get("metrics") is not None else None, out_dir=run_dir(),
-        weak_model=weak_model)
+        image_metrics=image_metrics, out_dir=run_dir(), weak_model=weak_model,
+        search=search_spec(cfg, image_metrics))
 
 
 def check_weak_guider(cfg: DictConfig, sampler: Any) -> bool:
@@ -192,6 +195,10 @@ def check_weak_guider(cfg: DictConfig, sampler: Any) -> bool:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Sample every prompt with the configured model and sampler; return the metrics."""
     plan = validate(cfg)
+    settings = {"steps": plan.steps, "sampler": type(plan.sampler).__name__, "seed": plan.seed, "H": plan.H, "W": plan.W}
+    refused = refuse_sample_run(cfg, plan, settings)  # a search trial over its NFE budget: no weight is read
+    if refused is not None:
+        return refused
     apply_runtime_settings(cfg)
     engine = build_engine(cfg.model, cfg.get("weights"), seed=plan.seed)
     if plan.lora_files:
@@ -220,8 +227,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     callbacks = instantiate_callbacks(
         cfg.get("callbacks"), total_images=len(plan.jobs), provenance=provenance(cfg), image_metrics=plan.image_metrics,
-        extra_metrics={"steps": plan.steps, "sampler": type(plan.sampler).__name__, "seed": plan.seed,
-                       "H": plan.H, "W": plan.W})
+        extra_metrics=settings)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_logger(cfg, plan.out_dir) or False)
     trainer.predict(engine, datamodule=PromptDataModule(plan.jobs, plan.batch_size), return_predictions=False)
     finish_wandb(trainer)

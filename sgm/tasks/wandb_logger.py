@@ -80,6 +80,13 @@ def make_wandb_logger(project: str = "sgm", save_dir: str = ".", mode: str = "au
         return None
 
 
+def sweep_run_name(override_dirname: str, fallback: str) -> str:
+    """A multirun job's W&B run name: its overrides joined as Hydra's ``hydra.job.override_dirname``
+    joins them (sorted, ``,``-separated), e.g. ``guider.scale=3,sampler=heun``; ``fallback`` (the
+    sweep and job number) for a job without overrides."""
+    return override_dirname or fallback
+
+
 RUN_ID_FILE = "wandb_run_id.txt"
 
 
