@@ -249,7 +249,7 @@ def test_search_trials_rank_only_the_feasible_and_show_the_refused(tmp_path):
 
 
 def test_wandb_run_of_a_sweep_job_is_named_by_its_overrides(hydra_runtime, tmp_path):
-    """In a multirun, the job's W&B run is named by its overrides (Hydra's override_dirname), grouped by the sweep."""
+    """In a multirun, the job's W&B run is named by its overrides (sorted, as typed), grouped by the sweep."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import open_dict, read_write
@@ -266,5 +266,5 @@ def test_wandb_run_of_a_sweep_job_is_named_by_its_overrides(hydra_runtime, tmp_p
     assert logger._wandb_init["name"] == "guider.scale=3,sampler=heun"
     assert logger._wandb_init["group"] == "sweep"
     with read_write(hc.hydra), open_dict(hc.hydra):  # a job without overrides keeps the sweep/number name
-        hc.hydra.job.override_dirname = ""
+        hc.hydra.overrides.task = []
     assert make_logger(cfg, tmp_path / "sweep" / "1")._wandb_init["name"] == "sweep/1"

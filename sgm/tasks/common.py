@@ -199,7 +199,7 @@ def make_logger(cfg: DictConfig, out_dir: Path) -> Any:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     group = Path(hc.sweep.dir).name if multirun else None
-    name = sweep_run_name(hc.job.override_dirname, f"{group}/{hc.job.num}") if multirun else out_dir.name
+    name = sweep_run_name(hc.overrides.task, f"{group}/{hc.job.num}") if multirun else out_dir.name
     factory = instantiate(cfg.logger, _partial_=True)  # partial: the run config must not be instantiated
     return factory(save_dir=str(out_dir), name=name, group=group, run_config=OmegaConf.to_container(cfg, resolve=True))
 
