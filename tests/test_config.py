@@ -197,8 +197,11 @@ def test_multirun_sweeps_the_guidance_scale(tmp_path):
     runs = [wandb_records(r.parent) for r in sorted((tmp_path / "sweep").glob("*/metrics.json"))]
     assert len({rec["run"][0].run.run_id for rec in runs}) == 3
     assert {rec["run"][0].run.run_group for rec in runs} == {"sweep"}
-    assert [rec["run"][0].run.display_name for rec in runs] == [  # named by the job's overrides
-        f"guider.scale={s},progress=false,steps=4" for s in (1, 3, 5)]
+    recorded = [yaml.safe_load((r.parent / ".hydra" / "overrides.yaml").read_text())
+                for r in sorted((tmp_path / "sweep").glob("*/metrics.json"))]
+    names = [rec["run"][0].run.display_name for rec in runs]  # each named by its job's overrides, as Hydra records them
+    assert names == [",".join(sorted(o)) for o in recorded]
+    assert [n.split(",")[0] for n in names] == [f"guider.scale={s}" for s in (1, 3, 5)] and "steps=4" in names[0]
     for rec in runs:
         keys = {item.key or "/".join(item.nested_key) for h in rec.get("history", []) for item in h.history.item}
         assert {"accuracy", "frechet_distance"} <= keys, keys
