@@ -50,6 +50,7 @@ def test_planned_nfe_skips_what_depends_on_the_network(compose):
     assert planned_nfe(sampler, sigmas) is None  # adaptive steps: the count differs between the stand-ins
 
 
+@pytest.mark.slow
 def test_planned_nfe_is_what_a_real_run_records(compose, run_task, tmp_path):
     metrics, cfg = run_task("sample", ["sampler=heun", "steps=4", *QUIET, TWO], tmp_path / "run")
     sampler, sigmas = sampler_and_sigmas(compose, "sampler=heun", "steps=4")
