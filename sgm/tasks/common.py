@@ -23,6 +23,7 @@ from ..checkpoint import CheckpointMismatchError, compare_keys, format_mismatch,
 from ..engine import DiffusionEngine
 from ..networks.sizes import check_pixel_size, config_pixel_multiple
 from .extras import check_tags
+from .wandb_logger import sweep_run_name
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +235,8 @@ def make_logger(cfg: DictConfig, out_dir: Path, **extra: Any) -> list:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     group = Path(hc.sweep.dir).name if multirun else None
-    values = {"save_dir": str(out_dir), "name": f"{group}/{hc.job.num}" if multirun else out_dir.name, "group": group,
-              "tags": check_tags(cfg.get("tags")), "run_config": OmegaConf.to_container(cfg, resolve=True), **extra}
+    name = sweep_run_name(hc.overrides.task, f"{group}/{hc.job.num}") if multirun else out_dir.name
+    values = {"save_dir": str(out_dir), "name": name, "group": group, "tags": check_tags(cfg.get("tags")), "run_config": OmegaConf.to_container(cfg, resolve=True), **extra}
     loggers = []
     for node in nodes.values():
         factory = instantiate(node, _partial_=True)  # partial: the run config must not be instantiated

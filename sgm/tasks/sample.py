@@ -31,6 +31,7 @@ from .common import (apply_runtime_settings, build_engine, build_weak_engine, ch
 from .extras import check_conventions, record_config
 from .from_image import rerun_config, select_images
 from .hires import check_hires
+from .search import refuse_sample_run, search_spec
 from .wandb_logger import finish_wandb
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class SamplePlan:
     hires: Any = None  # sgm.tasks.hires.HiresFix (hires=latent|pixel)
     prompt_options: Any = None  # prompt_syntax, embeddings, clip_skip (sgm.conditioning.prompt_schedule)
     compile: CompileSettings = CompileSettings()  # the `compile` node, checked
+    search: Any = None  # optimized_metric / constraints (sgm.tasks.search.SearchSpec), None when unset
 
 
 def validate(cfg: DictConfig) -> SamplePlan:
@@ -175,6 +177,7 @@ def validate(cfg: DictConfig) -> SamplePlan:
     hires = check_hires(cfg, H, W, inpaint)
     sampler = instantiate(cfg.sampler)
     weak_model = check_weak_guider(cfg, sampler)  # before the metrics, which read their classifier
+    image_metrics = instantiate(cfg.metrics) if cfg.get("metrics") is not None else None
     compiling = compile_settings(cfg.get("compile"))
     return SamplePlan(
         jobs=jobs, H=H, W=W, seed=seed, steps=steps, batch_size=batch_size, strength=strength,
@@ -182,9 +185,8 @@ def validate(cfg: DictConfig) -> SamplePlan:
         sampler=sampler, discretization=instantiate(cfg.discretization),
         lora_files=lora_files, lora_strengths=lora_strengths, init_image=init_image,
         patches=instantiate(cfg.patches) if cfg.get("patches") else None,  # FreeU: the base model only
-        image_metrics=instantiate(cfg.metrics) if cfg.get("metrics") is not None else None, out_dir=run_dir(),
-        weak_model=weak_model, tags=tuple(tags), inpaint=inpaint, hires=hires, prompt_options=prompt_options,
-        compile=compiling)
+        image_metrics=image_metrics, out_dir=run_dir(), weak_model=weak_model, tags=tuple(tags), inpaint=inpaint,
+        hires=hires, prompt_options=prompt_options, compile=compiling, search=search_spec(cfg, image_metrics))
 
 
 def check_prompt_syntax(cfg: DictConfig, jobs: list[PromptJob], steps: int) -> Any:
@@ -227,6 +229,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg = rerun_config(cfg)
     plan = validate(cfg)
     record_config(cfg, plan.out_dir)
+    settings = {"steps": plan.steps, "sampler": type(plan.sampler).__name__, "seed": plan.seed, "H": plan.H, "W": plan.W,
+                "tags": list(plan.tags),
+                **({"hires_H": plan.hires.size[0], "hires_W": plan.hires.size[1]} if plan.hires else {})}
+    refused = refuse_sample_run(cfg, plan, settings)  # a search trial over its NFE budget: no weight is read
+    if refused is not None:
+        return refused
     apply_runtime_settings(cfg)
     engine = build_engine(cfg.model, cfg.get("weights"), seed=plan.seed)
     engine.set_prompt_options(plan.prompt_options)
@@ -266,9 +274,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = instantiate_callbacks(
         cfg.get("callbacks"), total_images=len(plan.jobs), provenance=provenance(cfg), image_metrics=plan.image_metrics,
         parameters=run_fields(cfg, plan.steps, plan.H, plan.W, plan.strength, plan.lora_files),
-        extra_metrics={"steps": plan.steps, "sampler": type(plan.sampler).__name__, "seed": plan.seed,
-                       "H": plan.H, "W": plan.W, "tags": list(plan.tags),
-                       **({"hires_H": plan.hires.size[0], "hires_W": plan.hires.size[1]} if plan.hires else {})})
+        extra_metrics=settings)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_logger(cfg, plan.out_dir) or False)
     trainer.predict(engine, datamodule=PromptDataModule(plan.jobs, plan.batch_size), return_predictions=False)
     finish_wandb(trainer)

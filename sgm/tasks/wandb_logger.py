@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import urlparse
 
 #: what WANDB_MODE / logger.wandb.mode may be (wandb's own modes, plus our ``auto``)
@@ -78,6 +78,13 @@ def make_wandb_logger(project: str = "sgm", save_dir: str = ".", mode: str = "au
     except Exception as exc:  # noqa: BLE001
         log.warning("W&B logger unavailable (%s); continuing without it", exc)
         return None
+
+
+def sweep_run_name(overrides: Sequence[str], fallback: str) -> str:
+    """A multirun job's W&B run name: its overrides as typed (``hydra.overrides.task``), sorted and
+    joined with ``,``, e.g. ``guider.scale=3,sampler=heun``; ``fallback`` (the sweep and job number)
+    for a job without overrides."""
+    return ",".join(sorted(str(o) for o in overrides)) or fallback
 
 
 RUN_ID_FILE = "wandb_run_id.txt"
