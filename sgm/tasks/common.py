@@ -236,7 +236,8 @@ def make_logger(cfg: DictConfig, out_dir: Path, **extra: Any) -> list:
     multirun = hc.mode == RunMode.MULTIRUN
     group = Path(hc.sweep.dir).name if multirun else None
     name = sweep_run_name(hc.overrides.task, f"{group}/{hc.job.num}") if multirun else out_dir.name
-    values = {"save_dir": str(out_dir), "name": name, "group": group, "tags": check_tags(cfg.get("tags")), "run_config": OmegaConf.to_container(cfg, resolve=True), **extra}
+    values = {"save_dir": str(out_dir), "name": name, "group": group, "tags": check_tags(cfg.get("tags")),
+              "run_config": OmegaConf.to_container(cfg, resolve=True), **extra}
     loggers = []
     for node in nodes.values():
         factory = instantiate(node, _partial_=True)  # partial: the run config must not be instantiated
