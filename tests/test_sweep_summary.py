@@ -262,9 +262,9 @@ def test_wandb_run_of_a_sweep_job_is_named_by_its_overrides(hydra_runtime, tmp_p
         hc.hydra.mode = RunMode.MULTIRUN
         hc.hydra.sweep.dir = str(tmp_path / "sweep")
         hc.hydra.job.num = 1
-    logger = make_logger(cfg, tmp_path / "sweep" / "1")
+    [logger] = make_logger(cfg, tmp_path / "sweep" / "1")
     assert logger._wandb_init["name"] == "guider.scale=3,sampler=heun"
     assert logger._wandb_init["group"] == "sweep"
     with read_write(hc.hydra), open_dict(hc.hydra):  # a job without overrides keeps the sweep/number name
         hc.hydra.overrides.task = []
-    assert make_logger(cfg, tmp_path / "sweep" / "1")._wandb_init["name"] == "sweep/1"
+    assert make_logger(cfg, tmp_path / "sweep" / "1")[0]._wandb_init["name"] == "sweep/1"

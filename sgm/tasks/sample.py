@@ -177,14 +177,15 @@ def validate(cfg: DictConfig) -> SamplePlan:
     hires = check_hires(cfg, H, W, inpaint)
     sampler = instantiate(cfg.sampler)
     weak_model = check_weak_guider(cfg, sampler)  # before the metrics, which read their classifier
-    image_metrics = instantiate(cfg.metrics) if cfg.get("metrics") is not None else None
+    discretization = instantiate(cfg.discretization)
+    patches = instantiate(cfg.patches) if cfg.get("patches") else None  # FreeU: the base model only
     compiling = compile_settings(cfg.get("compile"))
+    image_metrics = instantiate(cfg.metrics) if cfg.get("metrics") is not None else None  # last: they read weights
     return SamplePlan(
         jobs=jobs, H=H, W=W, seed=seed, steps=steps, batch_size=batch_size, strength=strength,
         img2img_schedule=schedule, refiner_switch=refiner_switch, aesthetic_scores=aesthetic_scores,
-        sampler=sampler, discretization=instantiate(cfg.discretization),
-        lora_files=lora_files, lora_strengths=lora_strengths, init_image=init_image,
-        patches=instantiate(cfg.patches) if cfg.get("patches") else None,  # FreeU: the base model only
+        sampler=sampler, discretization=discretization,
+        lora_files=lora_files, lora_strengths=lora_strengths, init_image=init_image, patches=patches,
         image_metrics=image_metrics, out_dir=run_dir(), weak_model=weak_model, tags=tuple(tags), inpaint=inpaint,
         hires=hires, prompt_options=prompt_options, compile=compiling, search=search_spec(cfg, image_metrics))
 
@@ -230,8 +231,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     plan = validate(cfg)
     record_config(cfg, plan.out_dir)
     settings = {"steps": plan.steps, "sampler": type(plan.sampler).__name__, "seed": plan.seed, "H": plan.H, "W": plan.W,
-                "tags": list(plan.tags),
-                **({"hires_H": plan.hires.size[0], "hires_W": plan.hires.size[1]} if plan.hires else {})}
+                "tags": list(plan.tags)}
     refused = refuse_sample_run(cfg, plan, settings)  # a search trial over its NFE budget: no weight is read
     if refused is not None:
         return refused
@@ -274,7 +274,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = instantiate_callbacks(
         cfg.get("callbacks"), total_images=len(plan.jobs), provenance=provenance(cfg), image_metrics=plan.image_metrics,
         parameters=run_fields(cfg, plan.steps, plan.H, plan.W, plan.strength, plan.lora_files),
-        extra_metrics=settings)
+        extra_metrics={**settings,
+                       **({"hires_H": plan.hires.size[0], "hires_W": plan.hires.size[1]} if plan.hires else {})})
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_logger(cfg, plan.out_dir) or False)
     trainer.predict(engine, datamodule=PromptDataModule(plan.jobs, plan.batch_size), return_predictions=False)
     finish_wandb(trainer)
