@@ -32,6 +32,12 @@ class MetricSet:
                                 f"{type(metric).__name__}: does its file set _target_?")
         self.metrics = dict(metrics)
 
+    @property
+    def metric_names(self) -> tuple[str, ...] | None:
+        """The keys a call may return, when every metric states its own (``metric_names``); else None."""
+        names = [getattr(m, "metric_names", None) for m in self.metrics.values()]
+        return None if any(n is None for n in names) else tuple(k for n in names for k in n)
+
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
         out: dict[str, float] = {}
         source: dict[str, str] = {}
