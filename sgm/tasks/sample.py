@@ -18,12 +18,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
-from ..data.prompts import PromptDataModule, PromptJob, make_jobs, read_prompt_file
+from ..data.prompts import PromptJob, make_jobs, read_prompt_file
 from ..data.reading import ImageReadError, image_to_tensor, read_image
 from ..diffusion._checks import check_finite, check_int
 from ..diffusion.schedule import img2img_start, split_index
 from .common import (apply_runtime_settings, build_engine, build_weak_engine, check_logger, check_size,
                      check_weak_model, check_weights, instantiate_callbacks, make_logger, provenance, run_dir)
+from .console import CONSOLE, quiet_libraries, run_line
+from .threads import choose_threads
 from .wandb_logger import finish_wandb
 
 log = logging.getLogger(__name__)
@@ -211,6 +213,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     plan = validate(cfg)
     apply_runtime_settings(cfg)
     engine = build_engine(cfg.model, cfg.get("weights"), seed=plan.seed)
+    choose_threads(cfg.get("cpu_threads"), engine.model)
     engine.set_prompt_options(plan.prompt_options)
     if plan.lora_files:
         from ..lora import load_lora_files
@@ -236,12 +239,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if plan.init_image is not None:
         engine.set_init_image(plan.init_image)
     log.info("sampler: %r, schedule: %r, %d steps", plan.sampler, plan.discretization, plan.steps)
+    log.info("%s", run_line(cfg, plan), extra=CONSOLE)
+    quiet_libraries()
 
     callbacks = instantiate_callbacks(
         cfg.get("callbacks"), total_images=len(plan.jobs), provenance=provenance(cfg), image_metrics=plan.image_metrics,
         extra_metrics={"steps": plan.steps, "sampler": type(plan.sampler).__name__, "seed": plan.seed,
                        "H": plan.H, "W": plan.W})
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_logger(cfg, plan.out_dir) or False)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_logger(cfg, plan.out_dir) or False,
+                          enable_progress_bar=False)  # the sampler's bar (progress=true) counts the steps
+    from ..data.prompt_datamodule import PromptDataModule
+
     trainer.predict(engine, datamodule=PromptDataModule(plan.jobs, plan.batch_size), return_predictions=False)
     finish_wandb(trainer)
     writer = next((cb for cb in callbacks if hasattr(cb, "metrics")), None)

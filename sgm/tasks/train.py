@@ -27,6 +27,7 @@ from ..engine import DiffusionEngine
 from ..lora.spec import LoRASpec
 from ..networks.sizes import config_pixel_multiple
 from .callbacks import ConfigStamp
+from .console import quiet_libraries
 from .checkpoint_io import AtomicCheckpointIO
 from .common import (apply_runtime_settings, build_engine, check_logger, check_size, check_weights, instantiate_callbacks,
                      make_logger, run_dir)
@@ -189,6 +190,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_weights(cfg.get("weights"))
     check_logger(cfg)
     apply_runtime_settings(cfg)
+    quiet_libraries()
     out_dir = run_dir()
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = build_datamodule(cfg.data, multiple)
