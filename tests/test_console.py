@@ -67,3 +67,30 @@ def test_run_py_console_has_three_lines_and_run_log_the_details(tmp_path):
     log = (out / "run.log").read_text()
     for detail in ("GPU available", "loaded 683 tensors", "is not downloaded", "image metrics:"):
         assert detail in log, detail
+
+
+def test_training_bar_is_labelled_with_the_step_not_epoch_minus_two(capsys):
+    import lightning as L
+    import torch
+
+    from sgm.tasks.progress import StepProgressBar, train_progress_bars
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, _):
+            return self.w(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2)), batch_size=2)
+    bar = StepProgressBar()
+    trainer = L.Trainer(max_steps=3, max_epochs=-1, callbacks=[bar], logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(Tiny(), data)
+    shown = capsys.readouterr().out
+    assert "step 2/3, epoch 1" in shown and "/-2" not in shown  # 2 batches an epoch: epoch 1 starts at step 2
+    assert train_progress_bars(False) == []
