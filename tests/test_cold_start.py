@@ -113,3 +113,19 @@ def test_choose_threads_sets_torch(cpu_threads, expected):
         assert torch.get_num_threads() == expected
     finally:
         torch.set_num_threads(before)
+
+
+def test_tokenizing_loads_open_clips_tokenizer_alone_and_matches_the_package():
+    """The BPE without open_clip's package (models, timm, and through timm W&B); the same token ids
+    as open_clip's own SimpleTokenizer (the oracle, imported afterwards)."""
+    code = ("import json, sys\nfrom sgm.conditioning.embedders import bpe_encode\n"
+            "ids = bpe_encode('A photo of a Cat, 3!  caf\\u00e9 &amp; more')\n"
+            "heavy = sorted(m for m in ('open_clip', 'timm', 'wandb') if m in sys.modules)\n"
+            "from open_clip.tokenizer import SimpleTokenizer, basic_clean, whitespace_clean\n"
+            "ref = SimpleTokenizer().encode(whitespace_clean(basic_clean('A photo of a Cat, 3!  caf\\u00e9 &amp; more')).lower())\n"
+            "print(json.dumps({'ids': ids, 'ref': ref, 'heavy': heavy}))")
+    res = python("-c", code)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["heavy"] == []
+    assert out["ids"] == out["ref"] and len(out["ids"]) > 8
