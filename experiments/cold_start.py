@@ -37,8 +37,8 @@ NOTE = ("A run that samples still imports Lightning (the engine is a `LightningM
         "`Trainer.predict`), and `import lightning` imports torchmetrics (`lightning.fabric.utilities.imports` "
         "compares its version; `LightningModule` imports `torchmetrics.Metric`), which imports transformers, "
         "torchvision, matplotlib and scipy: those stay in the to-images rows whether or not `~metrics` / "
-        "`~logger` is given. W&B is imported only with a logger. `--help` imports no torch; a config error "
-        "(and the whole validate step) stops before Lightning is imported.")
+        "`~logger` is given. `--help` imports no torch; a config error (and the whole validate step) stops "
+        "before Lightning is imported.")
 
 
 def env() -> dict[str, str]:

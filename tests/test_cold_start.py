@@ -51,9 +51,10 @@ def test_a_config_error_stops_before_lightning_is_imported(tmp_path):
     assert modules.isdisjoint(HEAVY), sorted(modules & set(HEAVY))
 
 
-def test_help_imports_no_torch():
-    res = python("-X", "importtime", "run.py", "--help")
-    assert res.returncode == 0 and "Powered by Hydra" in res.stdout
+@pytest.mark.parametrize("args, shows", [(["--help"], "Powered by Hydra"), (["--cfg", "job"], "sampler:")])
+def test_help_and_cfg_import_no_torch(args, shows):
+    res = python("-X", "importtime", "run.py", *args)
+    assert res.returncode == 0 and shows in res.stdout
     modules = imported(res.stderr)
     assert "hydra" in modules
     assert "torch" not in modules and modules.isdisjoint(HEAVY)
