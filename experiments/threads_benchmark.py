@@ -73,8 +73,8 @@ def main() -> None:
     text = (f"Reproduce: `{command}`.\n\n`python run.py ~logger progress=false` (shipped digit model, 10 images, "
             f"30 Euler steps, CFG) as a new process, wall seconds including imports, median of {args.repeats}. "
             "*busy*: one `python -c \"while True: pass\"` at nice 0 beside it. The machine is shared: other "
-            f"processes (the competitor included) used {100 * load:.0f}% of its CPU time during the measurement "
-            "(/proc/stat), so compare within a column.\n\n"
+            f"processes (not this script, its runs or the competitor) used {100 * load:.0f}% of its CPU time "
+            "during the measurement (/proc/stat), so compare within a column.\n\n"
             + table(["setting", "machine as is: s", "+1 busy process: s"], rows))
     publish(args, SECTION, "CPU threads on a shared machine (shipped model)", text, {"walls": walls, "other_load": load})
 
