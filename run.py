@@ -1,5 +1,7 @@
 """Sample images: `python run.py [sampler=euler] [guider.scale=5] [prompt="..."]` (see conf/sample.yaml)."""
 
+from typing import Any
+
 from sgm.tasks.threads import set_wait_policy
 
 set_wait_policy()  # OpenMP's passive wait, before anything imports torch (sgm/tasks/threads.py)
@@ -12,10 +14,12 @@ from sgm.tasks.cli import check_command_line  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig) -> Any:
+    """The run's metrics; with ``optimized_metric`` set, that metric for the sweeper (sgm.tasks.search)."""
     from sgm.tasks.sample import run
+    from sgm.tasks.search import objective
 
-    return run(cfg)
+    return objective(cfg, run(cfg))
 
 
 if __name__ == "__main__":

@@ -15,10 +15,14 @@ is available or ``--gpu`` is given):
 * ``load`` (CPU): peak RSS while ``build_engine`` loads a safetensors checkpoint
   (``weights.checkpoint=PATH``), in a fresh subprocess, against the file size; the tiny
   model and a mid-size UNet (``MID_OVERRIDES``); ``--sdxl-load`` adds SDXL base in float16.
+* ``cpu_vs_diffusers`` (CPU): the tiny model end to end against diffusers' StableDiffusionXLPipeline
+  on the same weights, with the breakdown, and the SDXL UNet forward against UNet2DConditionModel
+  (:mod:`benchmark_diffusers`).
 * ``gpu``: SDXL base at 1024x1024 in bfloat16 with SDPA attention, random (seeded)
   weights (``weights.random=true weights.dtype=bfloat16``, parameters created on the GPU):
   seconds per image (30 Euler steps, CFG), UNet time per step, VAE decode time, peak GPU
-  memory; the refiner UNet's time per step (``model=sdxl_refiner``). It needs the package's
+  memory; eager, compiled and compiled + CUDA graphs, and diffusers with and without torch.compile
+  on the same weights; the refiner UNet's time per step (``model=sdxl_refiner``). It needs the package's
   dependencies (Hydra and OmegaConf included) on the GPU machine. ``--gpu-dry-run`` runs the
   same code on the CPU with ``model=tiny`` (64x64, 2 steps, float32) and builds SDXL base and
   refiner on the meta device.
@@ -56,6 +60,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the GPU machine may run the repository without installing it
     sys.path.insert(0, str(ROOT))
+sys.modules.setdefault("benchmark", sys.modules[__name__])  # one module for benchmark_diffusers' `import benchmark`
 
 THREADS = 2  # torch threads of the CPU measurements (--threads)
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -90,8 +95,9 @@ GPU_PLACEHOLDER = """Not measured yet (no GPU where the CPU sections ran). On a 
 
 SECTION_TITLES = {"overhead": "Framework overhead of sampling (tiny model, CPU)",
                   "load": "Peak memory when loading a checkpoint (CPU)",
+                  "cpu_vs_diffusers": "Against diffusers on the CPU (same weights)",
                   "gpu": "SDXL-size on GPU"}
-SECTION_ORDER = ["overhead", "load", "gpu"]
+SECTION_ORDER = ["overhead", "load", "cpu_vs_diffusers", "gpu"]
 
 
 def _markers(key: str) -> tuple[str, str]:
@@ -667,10 +673,12 @@ def gpu_spec(args: argparse.Namespace) -> dict:
     if args.gpu_dry_run:
         return {"model": "tiny", "refiner": "tiny", "res": 64, "steps": 2, "batches": [1, 2],
                 "dtype": args.gpu_dry_run_dtype, "device": "cpu", "repeats": 1, "unet_calls": 3, "decode_repeats": 1,
-                "meta_check": ["sdxl_base", "sdxl_refiner"], "cfg_scale": 5.0, "refiner_latent": 16}
+                "meta_check": ["sdxl_base", "sdxl_refiner"], "cfg_scale": 5.0, "refiner_latent": 16,
+                "variant_repeats": 1, "compile_mode": "default", "compile_estimate_s": 0}
     return {"model": "sdxl_base", "refiner": "sdxl_refiner", "res": args.gpu_res, "steps": args.gpu_steps,
             "batches": args.gpu_batches, "dtype": "bfloat16", "device": "cuda", "repeats": 2, "unet_calls": 10,
-            "decode_repeats": 3, "meta_check": [], "cfg_scale": 5.0, "refiner_latent": args.gpu_res // 8}
+            "decode_repeats": 3, "meta_check": [], "cfg_scale": 5.0, "refiner_latent": args.gpu_res // 8,
+            "variant_repeats": 2, "compile_mode": args.gpu_compile_mode, "compile_estimate_s": 150}
 
 
 def gpu_overrides(spec: dict, model: str) -> list[str]:
@@ -704,10 +712,10 @@ def section_gpu(args: argparse.Namespace) -> tuple[str, dict]:
         torch.backends.cudnn.allow_tf32 = True
     log(f"[gpu] {res['device_name']}, torch {torch.__version__}, {spec['dtype']}, SDPA attention")
 
-    def attempt(name: str, fn: Callable[[], Any], optional: bool = False) -> Any:
+    def attempt(name: str, fn: Callable[[], Any], optional: bool = False, need_s: float = 30) -> Any:
         t0 = time.perf_counter()
         left = args.gpu_budget_s - (t0 - t_start)
-        if optional and left < 30:
+        if optional and left < need_s:  # need_s: about what the step takes (a compilation: minutes)
             log(f"[gpu] {name} skipped: {left:.0f} s of the {args.gpu_budget_s} s budget left")
             res["errors"].append({"step": name, "error": "skipped (time budget)"})
             return None
@@ -842,6 +850,9 @@ def section_gpu(args: argparse.Namespace) -> tuple[str, dict]:
             log(f"[gpu] VAE decode batch 1: {res['decode_b1_s']:.3f} s")
 
         attempt("VAE decode batch 1", decode_only, optional=True)
+        import benchmark_diffusers
+
+        benchmark_diffusers.gpu_variants(res, spec, engine, cfg, attempt, sync, on_cuda)
         del engine, built
         gc.collect()
         if on_cuda:
@@ -905,6 +916,11 @@ def render_gpu(res: dict) -> str:
         md.append(f"Framework overhead, (sampling - bare UNet) / bare UNet per step: at most {worst * 100:+.1f}% "
                   f"(requirement: <= 5%; *bare* replays the run's own {spec['steps']} `engine.model` calls).")
         md.append("")
+    import benchmark_diffusers
+
+    md += benchmark_diffusers.render_variants(res)
+    if md[-1]:
+        md.append("")
     if "decode_b1_s" in res:
         md.append(f"VAE decode of one {spec['res']}x{spec['res']} image alone: {res['decode_b1_s'] * 1e3:.0f} ms"
                   + (f", peak {res['decode_b1_peak_gib']:.1f} GiB (weights included)." if "decode_b1_peak_gib" in res
@@ -922,7 +938,8 @@ def render_gpu(res: dict) -> str:
 # ----------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default=None, help="comma-separated: overhead,load,gpu (default overhead,load [+gpu])")
+    p.add_argument("--sections", default=None,
+                   help="comma-separated: overhead,load,cpu_vs_diffusers,gpu (default overhead,load [+gpu])")
     p.add_argument("--out", type=Path, default=None, help="markdown file whose sections are replaced/added")
     p.add_argument("--json", type=Path, default=None, help="raw results of the CPU sections")
     p.add_argument("--steps", type=int, default=20, help="sampling steps of the overhead section")
@@ -936,12 +953,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-json", type=Path, default=None, help="write the GPU section's results here")
     p.add_argument("--gpu-dry-run", action="store_true",
                    help="run the GPU section's code on the CPU (model=tiny, 64x64, 2 steps, float32)")
-    p.add_argument("--gpu-budget-s", type=int, default=210,
+    p.add_argument("--gpu-budget-s", type=int, default=420,
                    help="skip the optional GPU measurements (batch > first, decode, refiner) once this is spent")
     p.add_argument("--gpu-dry-run-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--gpu-res", type=int, default=1024)
     p.add_argument("--gpu-steps", type=int, default=30)
     p.add_argument("--gpu-batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4])
+    p.add_argument("--gpu-compile-mode", default="default",
+                   help="torch.compile mode of the GPU section's compiled rows (max-autotune* modes compile for minutes)")
+    p.add_argument("--diffusers-batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4],
+                   help="batches of the cpu_vs_diffusers section")
+    p.add_argument("--sdxl-unet-latent", type=int, default=64, help="latent size of the SDXL UNet comparison")
+    p.add_argument("--sdxl-unet-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--sdxl-unet-repeats", type=int, default=3)
     p.add_argument("--render-gpu-json", type=Path, default=None, help="write the GPU section from a JSON file")
     return p.parse_args(argv)
 
@@ -976,7 +1000,10 @@ def main() -> None:
     t0 = time.perf_counter()
     md: dict[str, str] = {}
     raw: dict[str, Any] = {}
-    funcs = {"overhead": section_overhead, "load": section_load, "gpu": section_gpu}
+    import benchmark_diffusers
+
+    funcs = {"overhead": section_overhead, "load": section_load, "gpu": section_gpu,
+             "cpu_vs_diffusers": benchmark_diffusers.section_cpu_vs_diffusers}
     for name in SECTION_ORDER:
         if name not in sections:
             continue

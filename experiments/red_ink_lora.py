@@ -104,7 +104,7 @@ def main() -> None:
     start = time.perf_counter()
     cpu0 = os.times()
     sh(["train.py", "model=digits", "lora=default", f"data.root={work / 'data'}", "data.batch_size=16",
-        f"data.cache_dir={work / 'cache'}", "data.full_check=false", "cache_latents=true",
+        "data.val_fraction=0", f"data.cache_dir={work / 'cache'}", "data.full_check=false", "cache_latents=true",
         f"trainer.max_steps={args.steps}", f"optimizer.lr={args.lr}", "optimizer.weight_decay=0.0",
         "lr_scheduler=cosine", "lr_scheduler.warmup_steps=50", "validation.every_n_steps=100000",
         "validation.sample_every_n_steps=0", "checkpoint_every_n_steps=100000", "~logger", "progress=false",

@@ -126,6 +126,8 @@ class DiffusionEngine(L.LightningModule):
         self.predict_options: dict[str, Any] = {}
         self._refiner: list[DiffusionEngine] = []  # a list keeps the refiner out of this state_dict
         self._init_image: torch.Tensor | None = None
+        self._inpaint: Any = None  # sgm.inpaint.Inpainting
+        self._hires: Any = None  # sgm.tasks.hires.HiresFix
         self.prompt_options: Any = None  # sgm.conditioning.prompt_schedule.PromptOptions (run.py's prompt_syntax)
 
     def set_prompt_options(self, options: Any) -> None:
@@ -138,6 +140,15 @@ class DiffusionEngine(L.LightningModule):
     def set_init_image(self, image: torch.Tensor | None) -> None:
         """An image [1, 3, H, W] in [-1, 1] for img2img (``strength`` < 1 keeps more of it)."""
         self._init_image = image
+
+    def set_inpaint(self, inpaint: Any) -> None:
+        """Inpainting (:class:`sgm.inpaint.Inpainting`): its image becomes the init image."""
+        self._inpaint = inpaint
+        self._init_image = None if inpaint is None else inpaint.image
+
+    def set_hires(self, hires: Any) -> None:
+        """A second pass on the sampled latents before decoding (:class:`sgm.tasks.hires.HiresFix`)."""
+        self._hires = hires
 
     def schedule(self, discretization: Any, steps: int) -> torch.Tensor:
         """The run's schedule (``steps + 1`` sigmas), a range left unset filled from this model's denoiser."""
@@ -285,19 +296,24 @@ class DiffusionEngine(L.LightningModule):
     @torch.no_grad()
     def sample_latents(self, cond: dict, uc: dict, seeds: Sequence[int], shape: Sequence[int], sigmas: torch.Tensor,
                        sampler: Any = None, init_latent: torch.Tensor | None = None, noise_seed_offset: int = 0,
-                       callback: Any = None) -> torch.Tensor:
+                       callback: Any = None, blend: Any = None) -> torch.Tensor:
         """Run ``sampler`` over the schedule slice ``sigmas`` from pure noise (txt2img) or from
         ``init_latent`` (img2img, the refiner's continuation). Image k's noise depends on
-        ``seeds[k]`` only: its start noise on the seed, the sampler's on seed + 1 (+ offset)."""
+        ``seeds[k]`` only: its start noise on the seed, the sampler's on seed + 1 (+ offset).
+        ``blend`` (:class:`sgm.inpaint.blend.LatentBlend`) keeps a masked region at the init latent,
+        re-noised with the start noise."""
         sampler = sampler or self.sampler
         if sampler is None:
             raise RuntimeError("no sampler configured")
         sigmas = sigmas.to(self.device)
         if len(sigmas) < 2:  # sgm's img2img rule can keep no step: the image's latent is the result
             return init_latent.to(self.device).float()
-        x = initial_latent(gaussian((len(seeds), *shape), seeded_generators(seeds), self.device), sigmas[0], init_latent)
+        noise = gaussian((len(seeds), *shape), seeded_generators(seeds), self.device)
+        x = initial_latent(noise, sigmas[0], init_latent)
         generators = seeded_generators(seeds, 1 + noise_seed_offset)
-        return sampler.sample(self.denoise, x, sigmas, cond, uc, generator=generators, callback=callback)
+        denoise = self.denoise if blend is None else blend.with_noise(noise).wrap(self.denoise)
+        z = sampler.sample(denoise, x, sigmas, cond, uc, generator=generators, callback=callback)
+        return z if blend is None else blend.finish(z)
 
     def _conditionings_for(self, batch: dict) -> tuple[dict, dict]:
         opts = self.predict_options
@@ -323,6 +339,9 @@ class DiffusionEngine(L.LightningModule):
         if init is None and self._init_image is not None:
             z0 = self.encode_first_stage(self._init_image.to(self.device))
             init = z0.expand(len(batch["prompt"]), *z0.shape[1:])
+        job = self._inpaint.batch(self, init) if self._inpaint is not None else None
+        if job is not None:
+            cond, uc = job.conditioning(cond), job.conditioning(uc)
         sigmas = opts["sigmas"]
         n = len(sigmas) - 1
         start = img2img_start(n, opts["strength"], opts["img2img_schedule"]) if init is not None else 0
@@ -332,12 +351,18 @@ class DiffusionEngine(L.LightningModule):
             if end <= start:
                 raise ValueError(f"refiner_switch {opts['refiner_switch']} hands over before img2img starts "
                                  f"(step {start} of {n}): the base would run no step")
-        z = self.sample_latents(cond, uc, batch["seed"], shape, sigmas[start : end + 1], init_latent=init)
+        blend = job.blend if job is not None else None
+        z = self.sample_latents(cond, uc, batch["seed"], shape, sigmas[start : end + 1], init_latent=init, blend=blend)
         for refiner in self._refiner:
             rc, ruc = refiner._conditionings_for(batch)
-            z = refiner.sampler.sample(refiner.denoise, z, sigmas[end:].to(self.device), rc, ruc,
-                                       generator=seeded_generators(batch["seed"], 2))
+            z = refiner.sampler.sample(refiner.denoise if blend is None else blend.wrap(refiner.denoise), z,
+                                       sigmas[end:].to(self.device), rc, ruc, generator=seeded_generators(batch["seed"], 2))
+            z = z if blend is None else blend.finish(z)
+        if self._hires is not None:
+            z = self._hires(self, batch, z)
         images = self.decode_first_stage(z)
+        if job is not None:
+            images = job.paste(images)
         return {"images": images.clamp(-1, 1).cpu(), "index": list(batch["index"]), "seed": list(batch["seed"]),
                 "prompt": list(batch["prompt"]), "negative_prompt": list(batch["negative_prompt"]),
                 "seconds": time.perf_counter() - t0, "nfe": sum(e.network_evaluations for e in engines)}

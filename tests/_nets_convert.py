@@ -116,3 +116,22 @@ def vae_to_diffusers(sd: dict[str, torch.Tensor], levels: int) -> dict[str, torc
             new = f"{m[1]}.conv_norm_out.{m[2]}"
         out[new] = value
     return out
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """transformers' CLIPTokenizer built offline from the BPE file bundled with open_clip (None when this
+    transformers takes vocab/merges files only). ``pad_token="!"`` is SDXL's second tokenizer (pads with 0)."""
+    import gzip
+
+    import open_clip.tokenizer as oct
+    from transformers import CLIPTokenizer
+
+    merges = gzip.open(oct.default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    units = list(oct.bytes_to_unicode().values())
+    vocab = units + [u + "</w>" for u in units] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    try:
+        return CLIPTokenizer(vocab={v: i for i, v in enumerate(vocab)}, merges=[tuple(m.split()) for m in merges],
+                             pad_token=pad_token)
+    except TypeError:  # transformers 4: files only
+        return None

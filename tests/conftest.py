@@ -1,7 +1,7 @@
 """Shared test helpers: one way to compose ``conf/`` and one in-process runner for run.py / train.py.
 
 * ``compose(config_name, overrides, hydra=False)``: the config Hydra composes, cached per session.
-* ``run_task(config_name, overrides, out_dir)``: ``python run.py|train.py OVERRIDES`` in-process,
+* ``run_task(config_name, overrides, out_dir)``: ``python run.py|train.py|eval.py OVERRIDES`` in-process,
   as ``@hydra.main`` runs a job: Hydra's runtime (output folder, RUN mode, job name/num/id),
   ``.hydra/config.yaml``, ``.hydra/overrides.yaml`` and the job's log, then
   ``sgm.tasks.sample.run`` / ``sgm.tasks.train.run``; the globals it touched are put back.
@@ -50,7 +50,8 @@ torch.set_num_threads(THREADS)
 
 ROOT = Path(__file__).resolve().parents[1]
 # config name -> (Hydra job name = script stem, the task module behind the script)
-TASKS = {"sample": ("run", "sgm.tasks.sample"), "train": ("train", "sgm.tasks.train")}
+TASKS = {"sample": ("run", "sgm.tasks.sample"), "train": ("train", "sgm.tasks.train"),
+         "eval": ("eval", "sgm.tasks.evaluate")}
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job_logging format
 
 _COMPOSED: dict[tuple[str, tuple[str, ...], bool], DictConfig] = {}
@@ -166,8 +167,8 @@ def without_hydra(cfg: DictConfig) -> DictConfig:
 
 def run_task(config_name: str, overrides: Sequence[str], out_dir: Path | str,
              files: bool = True) -> tuple[dict[str, Any], DictConfig]:
-    """``python run.py|train.py OVERRIDES hydra.run.dir=OUT_DIR`` in-process (config ``sample`` or
-    ``train``): returns the task's metrics and the job config it ran with (no ``hydra`` node); errors
+    """``python run.py|train.py|eval.py OVERRIDES hydra.run.dir=OUT_DIR`` in-process (config ``sample``,
+    ``train`` or ``eval``): returns the task's metrics and the job config it ran with (no ``hydra`` node); errors
     raise. ``files``: write ``.hydra/config.yaml``, ``.hydra/overrides.yaml`` and the job's INFO log
     ``OUT_DIR/run.log`` (``train.log``) as Hydra does; without, the task alone writes into OUT_DIR."""
     job_name, module = TASKS[config_name]

@@ -119,6 +119,10 @@ CASES = [
     (S, ["init_image=/nonexistent.png", "strength=0.5"], FileNotFoundError, r"init_image '/nonexistent\.png'"),
     (S, ["init_image={corrupt_png}", "strength=0.5"], ValueError, r"init_image '.*corrupt\.png' is not a readable"),
     (S, ["prompt_file=/nonexistent/prompts.txt"], FileNotFoundError, r"prompt_file"),
+    (S, ["from_image=/nonexistent.png"], FileNotFoundError, r"from_image '/nonexistent\.png' does not exist"),
+    (S, ["from_image={corrupt_png}"], ValueError, r"from_image '.*corrupt\.png' is not a readable image"),
+    (S, ["images=[10]"], ValueError, r"images: 10 is not the index of one of the run's 10 images"),
+    (S, ["model.first_stage.tiled_mode=seamless"], ValueError, r"model\.first_stage\.tiled_mode must be one of"),
     (S, ["prompt_file={latin1}"], ValueError, r"prompt_file '.*latin1\.txt' is not UTF-8 text: byte \d+"),
     # models that expect weights
     (S, ["model=sdxl_base"], ValueError, r"expects a checkpoint: set weights\.checkpoint=PATH"),

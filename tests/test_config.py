@@ -189,14 +189,19 @@ def test_multirun_sweeps_the_guidance_scale(tmp_path):
     assert (tmp_path / "sweep" / "summary.md").is_file()
     assert (tmp_path / "sweep" / "summary_seconds_per_image.png").is_file()
     assert all(0 <= float(r["accuracy"]) <= 1 and float(r["frechet_distance"]) > 0 for r in rows)
-    assert (tmp_path / "sweep" / "summary_accuracy.png").is_file()
-    assert (tmp_path / "sweep" / "summary_frechet_distance.png").is_file()
+    for metric in ("accuracy", "frechet_distance"):  # a metric constant over the sweep gets no plot
+        assert (tmp_path / "sweep" / f"summary_{metric}.png").is_file() == (len({r[metric] for r in rows}) > 1)
     # one W&B run per job, grouped by the sweep, each with the job's metrics
     from test_run import wandb_records
 
     runs = [wandb_records(r.parent) for r in sorted((tmp_path / "sweep").glob("*/metrics.json"))]
     assert len({rec["run"][0].run.run_id for rec in runs}) == 3
     assert {rec["run"][0].run.run_group for rec in runs} == {"sweep"}
+    recorded = [yaml.safe_load((r.parent / ".hydra" / "overrides.yaml").read_text())
+                for r in sorted((tmp_path / "sweep").glob("*/metrics.json"))]
+    names = [rec["run"][0].run.display_name for rec in runs]  # each named by its job's overrides, as Hydra records them
+    assert names == [",".join(sorted(o)) for o in recorded]
+    assert [n.split(",")[0] for n in names] == [f"guider.scale={s}" for s in (1, 3, 5)] and "steps=4" in names[0]
     for rec in runs:
         keys = {item.key or "/".join(item.nested_key) for h in rec.get("history", []) for item in h.history.item}
         assert {"accuracy", "frechet_distance"} <= keys, keys

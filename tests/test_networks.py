@@ -249,7 +249,7 @@ def test_gradient_checkpointing_gives_equal_gradients():
 # ---------------------------------------------------------------- autoencoder details
 
 def test_tiled_decode_blending_is_exact_for_a_pointwise_decoder(monkeypatch):
-    vae = AutoencoderKL(**TINY_VAE, tiled=True, tile_size=16, tile_overlap=8)
+    vae = AutoencoderKL(**TINY_VAE, tiled=True, tile_size=16, tile_overlap=8, tiled_mode="blend")
     monkeypatch.setattr(vae, "_decode", lambda z: torch.nn.functional.interpolate(z[:, :3] ** 3, scale_factor=2))
     z = torch.randn(2, 4, 40, 37)
     assert _rel(vae.decode(z), vae.decode(z, tiled=False)) < 1e-6
@@ -264,7 +264,7 @@ def _smooth_texture(n: int, period: float = 8.0) -> torch.Tensor:
 
 
 def test_tiled_decode_close_to_full_decode_on_smooth_latent():
-    """Tiling is approximate: each tile has its own GroupNorm statistics and mid-block attention.
+    """Blend tiling is approximate: each tile has its own GroupNorm statistics and mid-block attention.
 
     Measured on this random VAE (4 channels per norm group), 40x40 smooth periodic latent, 24-pixel
     tiles with 8 overlap: max error 18% and mean error 7% of the output scale; diffusers'
@@ -274,7 +274,8 @@ def test_tiled_decode_close_to_full_decode_on_smooth_latent():
     from diffusers import AutoencoderKL as DiffusersVAE
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(4, dict(TINY_VAE["ddconfig"], ch=128, ch_mult=[1, 1]), tiled=True, tile_size=24, tile_overlap=8)
+    vae = AutoencoderKL(4, dict(TINY_VAE["ddconfig"], ch=128, ch_mult=[1, 1]), tiled=True, tile_size=24, tile_overlap=8,
+                        tiled_mode="blend")
     vae.eval()
     theirs = DiffusersVAE(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,

@@ -106,7 +106,7 @@ def test_a_callback_value_the_task_must_fill_is_named(hydra_runtime):
 def test_sample_config_attaches_the_image_writer(hydra_runtime, tmp_path):
     cfg = hydra_runtime("sample", ["model=tiny"])
     (writer,) = instantiate_callbacks(cfg.callbacks, total_images=2, provenance={}, extra_metrics={},
-                                      image_metrics=None)
+                                      image_metrics=None, parameters=None)
     assert type(writer).__name__ == "ImageWriter" and writer.out_dir == tmp_path
 
 

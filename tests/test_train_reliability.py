@@ -260,8 +260,8 @@ def test_a_resumed_run_continues_its_wandb_run(images, tmp_path, monkeypatch):
 
     monkeypatch.setattr(sgm.tasks.wandb_logger, "make_wandb_logger", fake_wandb_logger)
     out, base = tmp_path / "run", [o for o in TINY if o != "~logger"]
-    train(out, images, "logger.mode=offline", "trainer.max_steps=2", base=base)
-    train(out, images, "logger.mode=offline", "trainer.max_steps=3", "resume=auto", base=base)
+    train(out, images, "logger.wandb.mode=offline", "trainer.max_steps=2", base=base)
+    train(out, images, "logger.wandb.mode=offline", "trainer.max_steps=3", "resume=auto", base=base)
     run_id = (out / "wandb_run_id.txt").read_text().strip()
     assert len(calls) == 2 and [c["id"] for c in calls] == [run_id, run_id]
     assert all(c["resume"] == "allow" for c in calls)

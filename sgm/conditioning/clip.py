@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .embedders import EOS_ID, AbstractEmbModel, add_state_dict_hooks, as_text_list, tokenize
+from .embedders import EOS_ID, AbstractEmbModel, add_state_dict_hooks, as_text_list, text_zero_outputs, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,10 @@ class FrozenCLIPEmbedder(AbstractEmbModel):
     def output_widths(self, input_width: int | None = None) -> dict[str, int]:
         width = self.config.hidden_size
         return {"crossattn": width, "vector": width} if self.return_pooled else {"crossattn": width}
+
+    def zero_outputs(self, text: Any) -> tuple[torch.Tensor, ...] | None:
+        length = 1 if self.layer == "pooled" else None
+        return text_zero_outputs(self, text, self._embeddings().token_embedding.weight, length)
 
     # ------------------------------------------------------------------ forward
     embedding_key = "clip_l"  # the tensor of an SDXL textual-inversion file for this encoder

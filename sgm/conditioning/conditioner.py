@@ -155,6 +155,14 @@ class GeneralConditioner(nn.Module):
                 )
             inputs = [batch[k] for k in keys]
             dropping = self.training and embedder.ucg_rate > 0.0
+            zero = any(k in force for k in keys)
+            # zeroed anyway: skip the encoder where its output shapes are known (no draws to keep in step)
+            skip = zero and not dropping and not _autocast() and hasattr(embedder, "zero_outputs")
+            outs = embedder.zero_outputs(*inputs) if skip else None
+            if outs is not None:
+                for emb in outs:
+                    parts.setdefault(self.OUTPUT_DIM2KEYS[emb.ndim], []).append(emb)
+                continue
             if dropping and embedder.legacy_ucg_val is not None:
                 inputs = [self._drop_inputs(embedder, v, generator) for v in inputs]
             with nullcontext() if embedder.is_trainable else torch.no_grad():
@@ -163,7 +171,6 @@ class GeneralConditioner(nn.Module):
             keep = None
             if dropping and embedder.legacy_ucg_val is None:
                 keep = ~_draw(outs[0].shape[0], embedder.ucg_rate, generator)
-            zero = any(k in force for k in keys)
             for emb in outs:
                 if not isinstance(emb, torch.Tensor) or emb.ndim not in self.OUTPUT_DIM2KEYS:
                     raise ValueError(
@@ -215,6 +222,11 @@ class GeneralConditioner(nn.Module):
             for out_key, width in embedder.output_widths(n).items():
                 widths[out_key] = widths.get(out_key, 0) + width
         return widths
+
+
+def _autocast() -> bool:
+    """Whether autocast is on (it may change an encoder's output dtype, which zero outputs cannot know)."""
+    return any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
 
 
 def _draw(n: int, p: float, generator: torch.Generator | None) -> torch.Tensor:

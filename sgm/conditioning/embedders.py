@@ -80,6 +80,12 @@ class AbstractEmbModel(nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} does not report its output widths")
 
+    def zero_outputs(self, *inputs: Any) -> tuple[torch.Tensor, ...] | None:
+        """:meth:`forward`'s outputs for ``inputs``, all zeros, without running the model (what
+        ``force_zero_embeddings`` keeps of them); None when that is not known ahead: then the
+        conditioner runs the embedder and zeroes what it returns."""
+        return None
+
     def materialize_buffers(self) -> None:
         """Recompute derived buffers that are still on the meta device (after ``load_state_dict(assign=True)``)."""
 
@@ -102,6 +108,28 @@ def add_state_dict_hooks(module: nn.Module, save: Callable | None = None, load_p
             module.register_load_state_dict_pre_hook(load_pre)
         else:  # pragma: no cover - old torch
             module._register_load_state_dict_pre_hook(load_pre, with_module=True)
+
+
+def text_zero_outputs(embedder: AbstractEmbModel, text: Any, weight: torch.Tensor,
+                      length: int | None = None) -> tuple[torch.Tensor, ...] | None:
+    """Zero outputs of a text encoder for ``text`` (prompts or tokens [B, L]): [B, L, width] (L:
+    ``length``, else the tokens' length, or ``max_length`` times the chunks every prompt is padded
+    to under prompt syntax) and, when it returns the pooled embedding, [B, pooled width]; in the
+    dtype and on the device of ``weight`` (its token embedding, which sets the dtype of every hidden
+    state). None when the chunk count is not fixed ahead (prompt syntax without ``num_chunks``)."""
+    n = text.shape[0] if isinstance(text, torch.Tensor) else len(as_text_list(text))
+    if length is None and isinstance(text, torch.Tensor):
+        length = text.shape[1]
+    elif length is None:
+        mode = getattr(embedder, "prompt_mode", None)
+        chunks = 1 if mode is None else mode.num_chunks
+        if chunks is None:
+            return None
+        length = embedder.max_length * chunks
+    widths = embedder.output_widths()
+    new = functools.partial(torch.zeros, dtype=weight.dtype, device=weight.device)
+    z = new(n, length, widths["crossattn"])
+    return (z, new(n, widths["vector"])) if "vector" in widths else (z,)
 
 
 def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

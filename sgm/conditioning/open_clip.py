@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .embedders import AbstractEmbModel, as_text_list, causal_mask, tokenize
+from .embedders import AbstractEmbModel, as_text_list, causal_mask, text_zero_outputs, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,9 @@ class FrozenOpenCLIPEmbedder2(AbstractEmbModel):
         weight = self.model.positional_embedding
         if mask is not None and mask.is_meta and not weight.is_meta:
             self.model.attn_mask = causal_mask(mask.shape[0], torch.float32, weight.device)
+
+    def zero_outputs(self, text: Any) -> tuple[torch.Tensor, ...] | None:
+        return text_zero_outputs(self, text, self.model.token_embedding.weight)
 
     # ------------------------------------------------------------------ forward
     embedding_key = "clip_g"  # the tensor of an SDXL textual-inversion file for this encoder

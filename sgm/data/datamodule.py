@@ -43,6 +43,9 @@ def _bucket_step(bucket_step: int | None, size_multiple: int) -> int:
     return step
 
 
+AUTO_VAL_FRACTION = 0.1  # the held-out share when val_fraction is None (enough images, no val_root)
+
+
 class ImageFolderDataModule(L.LightningDataModule):
     """Images (png/jpg/jpeg/webp/bmp, recursive) and captions under ``root`` for ``Trainer.fit``.
 
@@ -73,7 +76,9 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     Randomness (crop, flip, ``caption_dropout``, shuffling) depends on (``seed``, epoch,
     item) only. The held-out set is ``val_root``, or the ``val_fraction`` of images with the
-    smallest hash of (seed, relative path): stable, disjoint from training. ``val_dataloader``
+    smallest hash of (seed, relative path): stable, disjoint from training. ``val_fraction=None``
+    (conf/data/image_folder.yaml's default) is :data:`AUTO_VAL_FRACTION` of a folder of at least
+    ``val_min_images`` images, and none for a smaller folder or with ``val_root``. ``val_dataloader``
     is the deterministic view (centre crop, no flip, no dropout, fixed order).
 
     Resume: ``state_dict()`` = {"epoch", "batches_consumed", ...}: the epoch in progress and
@@ -90,7 +95,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     instead), so only padded batches appear twice. The held-out loader is sharded the same
     way. The sampler is a ``DistributedSampler``, so Lightning keeps it
     (``use_distributed_sampler`` may stay on). Not supported: ``Trainer(overfit_batches=...)``,
-    which replaces the sampler.
+    which replaces the sampler (train.py runs it as ``limit_train_batches`` with ``shuffle=False``:
+    :func:`sgm.tasks.debug.apply_overfit`).
 
     Cache: with ``cache_dir``, :meth:`build_cache` encodes each item's deterministic view once
     and the loaders then serve the stored tensors (see its docstring).
@@ -111,8 +117,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         caption_ext: str = ".txt",
         metadata: str | None = "metadata.jsonl",
         min_size: int | None = None,
-        val_fraction: float = 0.0,
+        val_fraction: float | None = 0.0,
         val_root: str | None = None,
+        val_min_images: int = 20,
         seed: int = 0,
         batch_size: int = 1,
         val_batch_size: int | None = None,
@@ -134,13 +141,15 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ValueError("root is not set: give the folder of training images")
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1) (or null: {AUTO_VAL_FRACTION} of a large enough "
+                             f"folder), got {val_fraction}")
         if val_fraction and val_root:
             raise ValueError("val_fraction and val_root are both set: give one of them")
         batch_size = check_int("batch_size", batch_size)
         val_batch_size = None if val_batch_size is None else check_int("val_batch_size", val_batch_size)
         num_workers = check_int("num_workers", num_workers, minimum=0)
+        self.val_min_images = check_int("val_min_images", val_min_images)
         if cache_dir is not None and (random_crop or flip):
             raise ValueError(
                 "cache_dir stores one fixed view per image (centre crop, not mirrored), so random_crop=True "
@@ -158,7 +167,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.bucket_sizes = [self.resolution]
         self.random_crop, self.flip, self.caption_dropout = bool(random_crop), bool(flip), float(caption_dropout)
         self.caption_ext, self.metadata, self.min_size = caption_ext, metadata, min_size
-        self.val_fraction, self.val_root, self.seed = float(val_fraction), val_root, int(seed)
+        self.val_fraction = None if val_fraction is None else float(val_fraction)
+        self.val_root, self.seed = val_root, int(seed)
         self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size or batch_size)
         self.num_workers, self.image_key, self.shuffle, self.drop_last = int(num_workers), image_key, shuffle, drop_last
         self.cache_dir = None if cache_dir is None else str(cache_dir)
@@ -186,8 +196,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.val_root:
             val, vskipped = scan_folder(self.val_root, name="val_root", **kw)
             skipped = skipped + vskipped
-        elif self.val_fraction > 0:
-            records, val = split_records(records, self.val_fraction, self.seed)
+        elif (fraction := self._held_out_fraction(len(records))) > 0:
+            records, val = split_records(records, fraction, self.seed)
         self.skipped = skipped
         self.missing_captions = [r.path for r in records + val if not r.has_caption]
         self.train_records, self.val_records = records, val
@@ -198,6 +208,18 @@ class ImageFolderDataModule(L.LightningDataModule):
         log.info("%s: %d training and %d held-out images from %s, %d skipped, %d without caption, %d bucket(s)",
                  type(self).__name__, len(records), len(val), self.root, len(skipped), len(self.missing_captions),
                  len({t for t in self.train_dataset.targets}))
+
+    def _held_out_fraction(self, n: int) -> float:
+        """The share of ``n`` scanned images to hold out (no ``val_root``): ``val_fraction``, or for
+        None :data:`AUTO_VAL_FRACTION` from ``val_min_images`` images on."""
+        if self.val_fraction is not None:
+            return self.val_fraction
+        if n >= self.val_min_images:
+            return AUTO_VAL_FRACTION
+        log.info("%d images under %s (fewer than val_min_images=%d): none held out, so no validation loss; "
+                 "data.val_fraction=0.1 holds out some anyway, data.val_root=DIR uses another folder",
+                 n, self.root, self.val_min_images)
+        return 0.0
 
     def _targets(self, records: Sequence[ImageRecord]) -> list[tuple[int, int]]:
         return [self.bucket_sizes[assign_bucket(r.size, self.bucket_sizes)] for r in records]

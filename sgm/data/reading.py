@@ -10,6 +10,7 @@ decodability, size), and raises :class:`SkipImage` with the reason when it is un
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -104,6 +105,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
         im = im.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
     return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def image_file(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` as a :class:`~pathlib.Path` to an existing file; errors name the parameter ``what``."""
+    path = Path(str(path))
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {str(path)!r} is a directory, not an image file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    return path
 
 
 def read_image(path: str | os.PathLike[str], at_least: tuple[int, int] | None = None) -> Image.Image:

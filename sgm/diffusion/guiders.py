@@ -181,8 +181,17 @@ class VanillaCFG(Guider):
         s = float(sigma.reshape(-1)[0])
         return lo <= s <= hi
 
+    def unit_scale(self) -> bool:
+        """Whether this step's guided x0 is the conditional one by exact math: scale 1, plain
+        combination (dynamic thresholding still clips at scale 1), and no sampler that reads the
+        unconditional prediction (``keep_uncond``: CFG++). Then :meth:`branches` skips the
+        unconditional evaluation: half the network batch (uc + 1 (c - uc) equals c up to rounding)."""
+        return self.scale == 1 and type(self.dyn_thresh) is NoDynamicThresholding and not self.keep_uncond
+
+    keep_uncond: bool = False  # set by samplers that use the unconditional x0 themselves (CFG++)
+
     def branches(self, sigma: torch.Tensor, cond: dict, uc: dict | None) -> list[Branch]:
-        if not self.is_active(sigma):
+        if not self.is_active(sigma) or self.unit_scale():
             return [Branch("cond", cond)]
         if uc is None:
             raise ValueError("classifier-free guidance needs an unconditional conditioning (uc)")
@@ -195,9 +204,10 @@ class VanillaCFG(Guider):
 
     # the original sgm API: one batched call prepared by the guider, then combined
     def prepare_inputs(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict, uc: dict | None) -> tuple:
-        branches = self.branches(sigma, cond, uc)
-        if len(branches) == 1:
+        if not self.is_active(sigma):  # the interval only: __call__ below follows the same rule
             return x, sigma, cond
+        if uc is None:
+            raise ValueError("classifier-free guidance needs an unconditional conditioning (uc)")
         return torch.cat([x, x]), torch.cat([sigma, sigma]), _cat_conditionings(uc, cond)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

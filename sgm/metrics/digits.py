@@ -161,6 +161,8 @@ class DigitMetrics:
     :func:`digit_from_prompt`), ``frechet_distance`` to the held-out digits (shipped feature
     statistics; needs at least ``min_images`` images) and ``labelled_images``."""
 
+    metric_names = ("labelled_images", "accuracy", "frechet_distance")  # what a call may return
+
     def __init__(self, min_images: int = 2, reference_stats: str | None = None, classifier: str | None = None,
                  only_digit_prompts: bool = True):
         if int(min_images) < 2:

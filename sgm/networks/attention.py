@@ -153,6 +153,7 @@ class CrossAttention(nn.Module):
     """
 
     name: str = ""  # set by UNetModel: plain attribute, not state
+    qkv: torch.Tensor | None = None  # the fused q/k/v weight after fuse_qkv() (self-attention calls only)
 
     def __init__(
         self,
@@ -180,6 +181,34 @@ class CrossAttention(nn.Module):
                 out = patch.attention(self, x, context)
                 if out is not None:
                     return out
+        if context is None and self.qkv is not None:
+            q, k, v = F.linear(x, self.qkv).chunk(3, dim=-1)
+            return self.to_out(attention(q, k, v, self.heads, self.backend))
         context = x if context is None else context
         out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.backend)
         return self.to_out(out)
+
+    def fuse_qkv(self) -> None:
+        """One [3 * inner, dim] weight for the self-attention projections: a call without context
+        makes one matmul instead of three (the same products, summed in another order at most).
+        ``to_q/to_k/to_v.weight`` become views of it, so the state dict keeps its keys and an
+        in-place change of a projection (a merged LoRA) changes the fused weight too."""
+        lins = (self.to_q, self.to_k, self.to_v)
+        if len({lin.in_features for lin in lins}) != 1:
+            raise ValueError(f"{self.name or 'CrossAttention'}: q/k/v read inputs of different widths; "
+                             "only self-attention projections can be fused")
+        if any(lin._forward_hooks or lin._forward_pre_hooks for lin in lins):
+            raise ValueError(f"{self.name or 'CrossAttention'}: a projection has forward hooks (a LoRA adapter?) "
+                             "that a fused call would bypass: merge the LoRA or leave compile.fuse_qkv=false")
+        with torch.no_grad():
+            fused = torch.cat([lin.weight for lin in lins])
+        self.qkv = fused  # plain attribute: not state, follows the module in _apply below
+        n = self.to_q.out_features
+        for i, lin in enumerate(lins):
+            lin.weight = nn.Parameter(fused[i * n : (i + 1) * n], requires_grad=lin.weight.requires_grad)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "CrossAttention":
+        out = super()._apply(fn, recurse)
+        if self.qkv is not None:  # a move or cast copies each view apart: fuse the moved weights again
+            self.fuse_qkv()
+        return out

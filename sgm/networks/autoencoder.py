@@ -2,8 +2,10 @@
 
 ``AutoencoderKL`` takes the original ``first_stage_config`` params (``embed_dim``,
 ``ddconfig``, ``lossconfig``...). Latents are unscaled: the engine applies ``scale_factor``.
-Decoding can run in overlapping tiles (``tiled=True``, sizes in latent pixels), blended
-with linear ramps over the overlaps, to bound memory on large images.
+With ``tiled=True`` (sizes in latent pixels) large images are encoded and decoded in tiles to
+bound memory: ``tiled_mode="exact"`` (default) gives the untiled result (whole-image GroupNorm
+statistics, exact halos: :mod:`sgm.networks.tiled`); ``"blend"`` decodes overlapping tiles
+independently and blends them with linear ramps (each tile its own statistics: approximate).
 """
 
 from __future__ import annotations
@@ -17,15 +19,37 @@ from torch import nn
 
 from .distributions import DiagonalGaussianDistribution
 from .util import as_dict, check_int, ignore_params
+from .tiled import tiled_decode, tiled_encode
 from .vae import Decoder, Encoder
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AutoencoderKL", "DiagonalGaussianDistribution", "IdentityFirstStage"]
 
+TILED_MODES = ("exact", "blend")
 _HARMLESS = ("image_key", "colorize_nlabels", "ema_decay", "learn_logvar", "input_key", "ckpt_engine",
              "regularizer_config", "trainable_ae_params", "ae_optimizer_args", "trainable_disc_params",
              "disc_optimizer_args", "disc_start_iter", "diff_boost_factor", "optimizer_config", "lr_g_factor")
+
+
+def check_tiling(tile_size: Any, tile_overlap: Any, mode: Any, prefix: str = "") -> tuple[int, int, str]:
+    """Tiling settings checked: ``tile_size`` >= 1, ``tile_overlap`` >= 0 (below the size in blend mode),
+    ``tiled_mode`` exact or blend; errors name ``prefix`` + the parameter."""
+    mode = str(mode)
+    if mode not in TILED_MODES:
+        raise ValueError(f"{prefix}tiled_mode must be one of {', '.join(TILED_MODES)}, got {mode!r}")
+    size = check_int(f"{prefix}tile_size", tile_size)
+    overlap = check_int(f"{prefix}tile_overlap", tile_overlap, minimum=0)
+    if mode == "blend" and overlap >= size:
+        raise ValueError(f"{prefix}tile_overlap ({overlap}) must be smaller than {prefix}tile_size ({size}) "
+                         "in tiled_mode=blend")
+    return size, overlap, mode
+
+
+def check_tiling_config(node: Any, prefix: str) -> None:
+    """The tiling keys of a first-stage config node (an AutoencoderKL's), checked before it is built."""
+    if node is not None and hasattr(node, "get") and "tiled_mode" in node:
+        check_tiling(node.get("tile_size", 64), node.get("tile_overlap", 16), node.get("tiled_mode"), prefix)
 
 
 def _tile_starts(n: int, tile: int, stride: int) -> list[int]:
@@ -54,7 +78,8 @@ class AutoencoderKL(nn.Module):
     - ``encode(x, sample=None, generator=None)`` -> latent (a sample when ``sample`` or, by
       default, when a generator is given; else the posterior mode);
     - ``decode(z, tiled=None)`` -> image; tiles when ``tiled`` (argument, else the
-      constructor's switch) and the latent is larger than ``tile_size``.
+      constructor's switch) and the latent is larger than ``tile_size``; encoding tiles
+      likewise in ``tiled_mode="exact"``.
 
     Modules run in their parameter dtype; outputs come back in the input's dtype.
     """
@@ -70,6 +95,7 @@ class AutoencoderKL(nn.Module):
         tiled: bool = False,
         tile_size: int = 64,
         tile_overlap: int = 16,
+        tiled_mode: str = "exact",
         **kwargs: Any,
     ):
         super().__init__()
@@ -88,7 +114,7 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * self.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(self.embed_dim, z_channels, 1)
         self.downsample_factor = 2 ** (self.decoder.num_resolutions - 1)
-        self.set_tiling(tiled, tile_size, tile_overlap)
+        self.set_tiling(tiled, tile_size, tile_overlap, tiled_mode)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys)
 
@@ -105,14 +131,17 @@ class AutoencoderKL(nn.Module):
         if target != "torch.nn.Identity":
             log.warning("AutoencoderKL: lossconfig target %r ignored (no autoencoder training losses here)", target)
 
-    def set_tiling(self, enabled: bool = True, tile_size: int | None = None, tile_overlap: int | None = None) -> None:
-        """Switch tiled decoding; sizes are in latent pixels (x ``downsample_factor`` in the image)."""
-        size = check_int("tile_size", tile_size if tile_size is not None else getattr(self, "tile_size", 64))
-        overlap = tile_overlap if tile_overlap is not None else getattr(self, "tile_overlap", 16)
-        overlap = check_int("tile_overlap", overlap, minimum=0)
-        if overlap >= size:
-            raise ValueError(f"tile_overlap ({overlap}) must be smaller than tile_size ({size})")
-        self.tiled, self.tile_size, self.tile_overlap = bool(enabled), size, overlap
+    def set_tiling(self, enabled: bool = True, tile_size: int | None = None, tile_overlap: int | None = None,
+                   mode: str | None = None) -> None:
+        """Switch tiling; sizes are in latent pixels (x ``downsample_factor`` in the image).
+
+        ``mode``: ``exact`` (tiled encode and decode equal to the untiled ones; ``tile_overlap``
+        unused, halos follow from the convolutions) or ``blend`` (decode only, overlapping tiles blended)."""
+        size, overlap, mode = check_tiling(
+            tile_size if tile_size is not None else getattr(self, "tile_size", 64),
+            tile_overlap if tile_overlap is not None else getattr(self, "tile_overlap", 16),
+            mode if mode is not None else getattr(self, "tiled_mode", "exact"))
+        self.tiled, self.tile_size, self.tile_overlap, self.tiled_mode = bool(enabled), size, overlap, mode
 
     def init_from_ckpt(self, path: str | Path, ignore_keys: list[str] | tuple[str, ...] = ()) -> None:
         """Load weights from a full checkpoint (``first_stage_model.*``) or a bare VAE file."""
@@ -134,19 +163,30 @@ class AutoencoderKL(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.quant_conv.weight.dtype
 
-    def encode_posterior(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        """Posterior q(z | x) for images ``x`` [B, in_channels, H, W] in [-1, 1] (computed in the model dtype)."""
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x.to(self.dtype))))
+    def _uses_tiles(self, latent_hw: tuple[int, int], tiled: bool | None) -> bool:
+        return (self.tiled if tiled is None else tiled) and max(latent_hw) > self.tile_size
+
+    def encode_posterior(self, x: torch.Tensor, tiled: bool | None = None) -> DiagonalGaussianDistribution:
+        """Posterior q(z | x) for images ``x`` [B, in_channels, H, W] in [-1, 1] (computed in the model dtype);
+        in exact tiles when tiled (argument, else the switch) in exact mode and larger than a tile."""
+        x = x.to(self.dtype)
+        latent = (x.shape[-2] // self.downsample_factor, x.shape[-1] // self.downsample_factor)
+        if self.tiled_mode == "exact" and self._uses_tiles(latent, tiled):
+            moments = tiled_encode(self.encoder, x, self.tile_size, latent[0])
+            return DiagonalGaussianDistribution(self.quant_conv(moments))
+        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def encode(
-        self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None
+        self, x: torch.Tensor, sample: bool | None = None, generator: torch.Generator | None = None,
+        tiled: bool | None = None,
     ) -> torch.Tensor:
         """Unscaled latent of ``x``: a posterior sample or the posterior mean (its mode).
 
         ``sample=None`` (default) samples when a ``generator`` is given and returns the mode
         otherwise; ``True``/``False`` force either (``True`` without a generator uses the global RNG).
+        ``tiled`` as in :meth:`encode_posterior`.
         """
-        posterior = self.encode_posterior(x)
+        posterior = self.encode_posterior(x, tiled)
         sample = generator is not None if sample is None else sample
         z = posterior.sample(generator) if sample else posterior.mode()
         return z.to(x.dtype)
@@ -156,10 +196,12 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
         """Image from an unscaled latent ``z`` [B, embed_dim, h, w]; tiled per ``tiled`` or the switch."""
-        tiled = self.tiled if tiled is None else tiled
         zin = z.to(self.dtype)
-        if tiled and max(z.shape[-2:]) > self.tile_size:
-            out = self._tiled_decode(zin)
+        if self._uses_tiles(tuple(z.shape[-2:]), tiled):
+            if self.tiled_mode == "exact":
+                out = tiled_decode(self.decoder, self.post_quant_conv(zin), self.tile_size)
+            else:
+                out = self._tiled_decode(zin)
         else:
             out = self._decode(zin)
         return out.to(z.dtype)

@@ -160,7 +160,11 @@ class SpatialTransformer(nn.Module):
             x = block(x, context=contexts[i if len(contexts) > 1 else 0], transformer_options=transformer_options)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        x = x.transpose(1, 2).reshape(b, -1, h, w)  # a view with channels-last strides
         if not self.use_linear:
             x = self.proj_out(x)
-        return x + residual
+        # residual first: the sum takes the input's memory layout (NCHW), not the view's, so the
+        # convolutions after this block see the layout they expect (no copy per conv; same values)
+        return residual + x if self.nchw_output else x + residual
+
+    nchw_output = True  # False: the sum as sgm writes it (channels-last strides); the benchmark's A/B

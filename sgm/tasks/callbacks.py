@@ -30,13 +30,18 @@ def find_ema(trainer: L.Trainer) -> "EMAWeights | None":
 class SampleImages(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end), sample ``prompts`` x ``seeds``
     with the run's sampler (and its guider) over ``steps`` of the run's discretization, and
-    write ``samples/step_NNNNNN.png`` plus a W&B image. EMA weights are used when kept."""
+    write ``samples/step_NNNNNN.png`` plus a W&B image. EMA weights are used when kept.
+
+    ``sample_at_first`` (kohya's ``--sample_at_first``): also sample before the first optimizer
+    step of a fresh run (``step_000000.png``, the base model's own images to compare with); a
+    resumed run does not sample again where it continues."""
 
     def __init__(self, out_dir: str | Path, prompts: Sequence[str], seeds: Sequence[int], every_n_steps: int,
-                 H: int, W: int, sampler: Any, discretization: Any, steps: int = 20):
+                 H: int, W: int, sampler: Any, discretization: Any, steps: int = 20, sample_at_first: bool = False):
         self.out_dir = Path(out_dir) / "samples"
         self.prompts, self.seeds = list(prompts or []), [int(s) for s in seeds]
         self.every_n_steps, self.H, self.W, self.steps = int(every_n_steps), int(H), int(W), int(steps)
+        self.sample_at_first = bool(sample_at_first)
         self.sampler, self.discretization = sampler, discretization
         self.last_step = -1
         self.ema: EMAWeights | None = None
@@ -80,6 +85,10 @@ class SampleImages(L.Callback):
                                  caption=[f"step {step}"])
                 except Exception as exc:  # noqa: BLE001 - logging must not fail training
                     log.warning("could not log sample images: %s", exc)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.sample_at_first and self.every_n_steps > 0 and self.prompts and trainer.global_step == 0:
+            self._run(trainer, pl_module)  # a fresh run only: a resumed one starts at its checkpoint's step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps > 0 and self.prompts and trainer.global_step > 0 \
@@ -135,6 +144,26 @@ class ValidationLoss(L.Callback):
         self._run(trainer, pl_module)
 
 
+class TrainingMonitor(L.Callback):
+    """The learning rate of each optimizer param group (``lr``; ``lr/pgN`` when there are several,
+    as Lightning's ``LearningRateMonitor``) and the total L2 norm of the gradients before clipping
+    (``grad_norm``), logged with the training loss every ``trainer.log_every_n_steps``, into
+    metrics.csv and W&B. A rising ``grad_norm`` or one pinned at ``gradient_clip_val`` shows a
+    learning rate too high before the samples do."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # Lightning calls this after the gradients are unscaled (mixed precision) and accumulated,
+        # and before gradient clipping: the norm is the one clipping compares with gradient_clip_val
+        grads = [p.grad.detach() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
+            if grads else torch.zeros(())
+        pl_module.log("grad_norm", norm, on_step=True, on_epoch=False, batch_size=1, sync_dist=False)
+        groups = optimizer.param_groups
+        for i, group in enumerate(groups):
+            pl_module.log("lr" if len(groups) == 1 else f"lr/pg{i}", float(group["lr"]), on_step=True,
+                          on_epoch=False, batch_size=1, sync_dist=False)
+
+
 class SaveFinalWeights(L.Callback):
     """At the end of training, rank 0 writes the trained weights (EMA ones when kept), atomically:
     a kohya LoRA file (``mode="lora"``) or, in full training, a single-file checkpoint in the
@@ -171,11 +200,14 @@ class SaveFinalWeights(L.Callback):
                      trainer.global_step, extra=CONSOLE)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.fast_dev_run:  # a smoke test of the code, not a result (debug=fdr)
+            log.info("fast_dev_run: %s not written", self.path.name)
+            return
         self.write(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         """Ctrl-C: the weights trained so far are written too (nothing before the first step)."""
-        if not isinstance(exception, KeyboardInterrupt) or trainer.global_step == 0:
+        if not isinstance(exception, KeyboardInterrupt) or trainer.global_step == 0 or trainer.fast_dev_run:
             return
         try:
             self.write(trainer, pl_module)
@@ -220,6 +252,8 @@ class RunCheckpoint(ModelCheckpoint):
                 loop._batches_that_stepped = trainer.global_step  # one optimizer step per stepping batch
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.fast_dev_run:  # as ModelCheckpoint: a fast dev run writes no checkpoint
+            return
         if self.save_last and trainer.global_step != self._last_global_step_saved:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         else:
@@ -227,7 +261,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if (not isinstance(exception, KeyboardInterrupt) or self.dirpath is None or trainer.sanity_checking
-                or trainer.global_step == self._last_global_step_saved):
+                or trainer.fast_dev_run or trainer.global_step == self._last_global_step_saved):
             return
         path = str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
         self.last_model_path = path  # part of the saved state

@@ -27,6 +27,10 @@ LAUNCHERS: dict[str, tuple[tuple[str, ...], str]] = {
     name: (("hydra_plugins.hydra_submitit_launcher", "submitit"), "hydra-submitit-launcher")
     for name in ("slurm", "submitit_slurm", "submitit_local")
 }
+OPTUNA = (("hydra_plugins.hydra_optuna_sweeper", "optuna"), "hydra-optuna-sweeper")
+#: (group, option; None: any) -> the plugin it needs: the Optuna sweeper, and every search of conf/hparams_search
+SWEEPERS: dict[tuple[str, str | None], tuple[tuple[str, ...], str]] = {
+    ("hydra/sweeper", "optuna"): OPTUNA, ("hparams_search", None): OPTUNA}
 SWEEPS_EXTRA = 'pip install -e ".[sweeps]"'
 
 
@@ -125,16 +129,20 @@ def _installed(module: str) -> bool:
 
 
 def launcher_problems(overrides: Sequence[str]) -> list[str]:
-    """A ``hydra/launcher=`` option whose plugin is not installed, with the command that installs it."""
+    """A ``hydra/launcher=`` option (or an Optuna search: ``hparams_search=``, ``hydra/sweeper=optuna``)
+    whose plugin is not installed, with the command that installs it."""
     problems = []
     for arg in overrides:
         key, _, value = arg.lstrip("+").partition("=")
-        if key != "hydra/launcher" or value not in LAUNCHERS:
+        if key == "hydra/launcher" and value in LAUNCHERS:
+            modules, package = LAUNCHERS[value]
+        elif value and ((key, value) in SWEEPERS or (key, None) in SWEEPERS):
+            modules, package = SWEEPERS.get((key, value)) or SWEEPERS[(key, None)]
+        else:
             continue
-        modules, package = LAUNCHERS[value]
         missing = [m for m in modules if not _installed(m)]
         if missing:
-            problems.append(f"hydra/launcher={value} needs the {package} package ({', '.join(missing)} is not "
+            problems.append(f"{key}={value} needs the {package} package ({', '.join(missing)} is not "
                             f"installed): {SWEEPS_EXTRA} installs it")
     return problems
 

@@ -21,6 +21,8 @@ import sgm
 
 from ..checkpoint import CheckpointMismatchError, compare_keys, format_mismatch, load_checkpoint, parse_dtype
 from ..networks.sizes import check_pixel_size, config_pixel_multiple
+from .extras import check_tags
+from .wandb_logger import sweep_run_name
 
 if TYPE_CHECKING:  # the engine is a LightningModule: imported where one is built, not by the checks
     from ..engine import DiffusionEngine
@@ -188,23 +190,65 @@ def run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def logger_nodes(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The ``logger`` group's nodes by key (``logger=[wandb,csv]``: both); none with ``~logger``."""
+    node = cfg.get("logger")
+    if node is None:
+        return {}
+    bad = [str(k) for k, v in node.items() if v is not None and not (isinstance(v, DictConfig) and "_target_" in v)] \
+        if isinstance(node, DictConfig) else ["logger"]
+    if bad:
+        raise ValueError(f"logger holds one node with a _target_ per logger (logger=wandb, logger=[csv,tensorboard]; "
+                         f"settings as logger.wandb.mode=offline), but {', '.join(bad)} is not one")
+    return {str(k): v for k, v in node.items() if v is not None}
+
+
 def check_logger(cfg: DictConfig) -> None:
-    """A bad W&B mode (``logger.mode`` or ``WANDB_MODE``) fails before any model is built."""
-    if cfg.get("logger") is not None and "mode" in cfg.logger:
-        from .wandb_logger import wandb_mode
+    """Fail before any model is built on a bad logger setting: the W&B mode (``logger.wandb.mode`` or
+    ``WANDB_MODE``), a TensorBoard logger without its package."""
+    for key, node in logger_nodes(cfg).items():
+        target = str(node._target_)
+        if target.endswith("make_wandb_logger") and "mode" in node:
+            from .wandb_logger import wandb_mode
 
-        wandb_mode(str(cfg.logger.mode))
+            wandb_mode(str(node.mode), f"logger.{key}.mode")
+        elif target.endswith("make_tensorboard_logger"):
+            from .loggers import check_tensorboard
+
+            check_tensorboard(f"logger.{key}")
 
 
-def make_logger(cfg: DictConfig, out_dir: Path) -> Any:
-    if cfg.get("logger") is None:
-        return None
+def _accepted(factory: Any, values: dict[str, Any], node: DictConfig) -> dict[str, Any]:
+    """The run ``values`` a logger factory takes (those its signature names, all with ``**kwargs``),
+    except what its config node sets itself."""
+    import inspect
+
+    params = inspect.signature(factory.func).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {k: v for k, v in values.items() if (takes_all or k in params) and k not in node}
+
+
+def make_logger(cfg: DictConfig, out_dir: Path, **extra: Any) -> list:
+    """The run's loggers, one per ``logger`` node (none with ``~logger``). Each factory gets the run's
+    values its signature names: ``save_dir`` (the run folder), ``name`` and ``group`` (a multirun's
+    jobs are grouped by the sweep), ``tags``, ``run_config`` (the resolved config) and ``extra``.
+    A factory that returns None (W&B could not start) adds no logger."""
+    nodes = logger_nodes(cfg)
+    if not nodes:
+        return []
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     group = Path(hc.sweep.dir).name if multirun else None
-    name = f"{group}/{hc.job.num}" if multirun else out_dir.name
-    factory = instantiate(cfg.logger, _partial_=True)  # partial: the run config must not be instantiated
-    return factory(save_dir=str(out_dir), name=name, group=group, run_config=OmegaConf.to_container(cfg, resolve=True))
+    name = sweep_run_name(hc.overrides.task, f"{group}/{hc.job.num}") if multirun else out_dir.name
+    values = {"save_dir": str(out_dir), "name": name, "group": group, "tags": check_tags(cfg.get("tags")),
+              "run_config": OmegaConf.to_container(cfg, resolve=True), **extra}
+    loggers = []
+    for node in nodes.values():
+        factory = instantiate(node, _partial_=True)  # partial: the run config must not be instantiated
+        made = factory(**_accepted(factory, values, node))
+        if made is not None:
+            loggers.append(made)
+    return loggers
 
 
 def instantiate_callbacks(nodes: Any, **runtime: Any) -> list:

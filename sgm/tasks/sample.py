@@ -19,12 +19,20 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
 from ..data.prompts import PromptJob, make_jobs, read_prompt_file
-from ..data.reading import ImageReadError, image_to_tensor, read_image
+from ..data.reading import ImageReadError, image_file, image_to_tensor, read_image
 from ..diffusion._checks import check_finite, check_int
 from ..diffusion.schedule import img2img_start, split_index
+from ..inpaint.setup import check_checkpoint_channels, load_inpainting
+from ..networks.autoencoder import check_tiling_config
+from ..networks.compile import CompileSettings, apply_compile, compile_settings
+from .a1111 import run_fields
 from .common import (apply_runtime_settings, build_engine, build_weak_engine, check_logger, check_size,
                      check_weak_model, check_weights, instantiate_callbacks, make_logger, provenance, run_dir)
 from .console import CONSOLE, quiet_libraries, run_line
+from .extras import check_conventions, record_config
+from .from_image import rerun_config, select_images
+from .hires import check_hires
+from .search import refuse_sample_run, search_spec
 from .threads import choose_threads
 from .wandb_logger import finish_wandb
 
@@ -49,11 +57,7 @@ def load_init_image(path: str | Path, height: int, width: int) -> torch.Tensor:
     """``init_image`` as a [1, 3, H, W] tensor in [-1, 1]: the project's image reader
     (:func:`sgm.data.reading.read_image`: 16-bit, float, palette, alpha, CMYK, EXIF orientation),
     resized to the output size. An image over Pillow's decompression-bomb limit is refused."""
-    path = Path(str(path))
-    if path.is_dir():
-        raise IsADirectoryError(f"init_image {str(path)!r} is a directory, not an image file")
-    if not path.is_file():
-        raise FileNotFoundError(f"init_image {str(path)!r} does not exist")
+    path = image_file(path, "init_image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -121,7 +125,12 @@ class SamplePlan:
     image_metrics: Any
     out_dir: Path
     weak_model: bool = False  # the guider wants a second engine (autoguidance): run() builds it
+    tags: tuple[str, ...] = ()  # the run's tags (metrics.json, the loggers)
+    inpaint: Any = None  # sgm.inpaint.Inpainting (mask= / outpaint=)
+    hires: Any = None  # sgm.tasks.hires.HiresFix (hires=latent|pixel)
     prompt_options: Any = None  # prompt_syntax, embeddings, clip_skip (sgm.conditioning.prompt_schedule)
+    compile: CompileSettings = CompileSettings()  # the `compile` node, checked
+    search: Any = None  # optimized_metric / constraints (sgm.tasks.search.SearchSpec), None when unset
 
 
 def validate(cfg: DictConfig) -> SamplePlan:
@@ -131,13 +140,14 @@ def validate(cfg: DictConfig) -> SamplePlan:
     ``grid_columns``, ``H``/``W``, ``strength`` with ``img2img_schedule``, ``refiner_switch``
     (its range with a refiner), the aesthetic scores), then prompts and wildcards, checkpoint
     paths, the logger, LoRA file headers and the init image; last the objects that are cheap
-    to make (sampler, schedule, patches, the digit metrics, which read their small classifier)."""
+    to make (sampler, schedule, patches) and the metrics (conf/metrics), which read their own weights."""
     seed = check_seed(cfg.seed)
     steps = check_int("steps", cfg.steps)
     batch_size = check_int("batch_size", cfg.batch_size)
     per_prompt = check_int("num_images_per_prompt", cfg.num_images_per_prompt)
     check_int("grid_columns", cfg.grid_columns)
     H, W = check_size(cfg.model, cfg.H, cfg.W)
+    check_tiling_config(cfg.model.get("first_stage"), "model.first_stage.")
     strength = check_finite("strength", cfg.strength)
     schedule = str(cfg.img2img_schedule)
     start = img2img_start(steps, strength, schedule)
@@ -157,21 +167,29 @@ def validate(cfg: DictConfig) -> SamplePlan:
         check_size(cfg.refiner, H, W)
         check_weights(cfg.get("refiner_weights"), "refiner")
     jobs = make_jobs(load_prompts(cfg), str(cfg.negative_prompt or ""), seed, per_prompt, cfg.get("wildcards_dir"))
+    jobs = select_images(jobs, cfg.get("images"))
     prompt_options = check_prompt_syntax(cfg, jobs, steps)
     check_weights(cfg.get("weights"))
     check_logger(cfg)
+    tags = check_conventions(cfg)  # tags, the trainer's device
     lora_files, lora_strengths = check_lora(cfg.get("lora"))
-    init_image = load_init_image(cfg.init_image, H, W) if cfg.get("init_image") else None
+    check_checkpoint_channels(cfg.model, cfg.get("weights"))
+    inpaint = load_inpainting(cfg, H, W)
+    init_image = load_init_image(cfg.init_image, H, W) if cfg.get("init_image") and inpaint is None else None
+    hires = check_hires(cfg, H, W, inpaint)
     sampler = instantiate(cfg.sampler)
     weak_model = check_weak_guider(cfg, sampler)  # before the metrics, which read their classifier
+    discretization = instantiate(cfg.discretization)
+    patches = instantiate(cfg.patches) if cfg.get("patches") else None  # FreeU: the base model only
+    compiling = compile_settings(cfg.get("compile"))
+    image_metrics = instantiate(cfg.metrics) if cfg.get("metrics") is not None else None  # last: they read weights
     return SamplePlan(
         jobs=jobs, H=H, W=W, seed=seed, steps=steps, batch_size=batch_size, strength=strength,
         img2img_schedule=schedule, refiner_switch=refiner_switch, aesthetic_scores=aesthetic_scores,
-        sampler=sampler, discretization=instantiate(cfg.discretization),
-        lora_files=lora_files, lora_strengths=lora_strengths, init_image=init_image,
-        patches=instantiate(cfg.patches) if cfg.get("patches") else None,  # FreeU: the base model only
-        image_metrics=instantiate(cfg.metrics) if cfg.get("metrics") is not None else None, out_dir=run_dir(),
-        weak_model=weak_model, prompt_options=prompt_options)
+        sampler=sampler, discretization=discretization,
+        lora_files=lora_files, lora_strengths=lora_strengths, init_image=init_image, patches=patches,
+        image_metrics=image_metrics, out_dir=run_dir(), weak_model=weak_model, tags=tuple(tags), inpaint=inpaint,
+        hires=hires, prompt_options=prompt_options, compile=compiling, search=search_spec(cfg, image_metrics))
 
 
 def check_prompt_syntax(cfg: DictConfig, jobs: list[PromptJob], steps: int) -> Any:
@@ -210,7 +228,15 @@ def check_weak_guider(cfg: DictConfig, sampler: Any) -> bool:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Sample every prompt with the configured model and sampler; return the metrics."""
+    if cfg.get("from_image"):
+        cfg = rerun_config(cfg)
     plan = validate(cfg)
+    record_config(cfg, plan.out_dir)
+    settings = {"steps": plan.steps, "sampler": type(plan.sampler).__name__, "seed": plan.seed, "H": plan.H, "W": plan.W,
+                "tags": list(plan.tags)}
+    refused = refuse_sample_run(cfg, plan, settings)  # a search trial over its NFE budget: no weight is read
+    if refused is not None:
+        return refused
     apply_runtime_settings(cfg)
     engine = build_engine(cfg.model, cfg.get("weights"), seed=plan.seed)
     choose_threads(cfg.get("cpu_threads"), engine.model)
@@ -227,6 +253,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("refiner") is not None:
         refiner = build_engine(cfg.refiner, cfg.get("refiner_weights"), seed=plan.seed, what="refiner")
         refiner.set_prompt_options(plan.prompt_options)
+    if plan.compile.active:  # after LoRA merges and patches: fused weights are made of the final ones
+        for e in (engine, refiner) if refiner is not None else (engine,):
+            log.info("compile: %s", apply_compile(e, plan.compile))
     if plan.weak_model:  # seeded apart from the main model, so a random weak UNet of its shape is another one
         weak = build_weak_engine(cfg.weak_model, cfg.get("weak_weights"), engine, seed=plan.seed + 1)
         plan.sampler.guider.set_weak(weak)
@@ -238,14 +267,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                 negative_aesthetic_score=plan.aesthetic_scores[1])
     if plan.init_image is not None:
         engine.set_init_image(plan.init_image)
+    if plan.inpaint is not None:
+        engine.set_inpaint(plan.inpaint)
+    if plan.hires is not None:
+        plan.hires.configure(engine, plan.discretization, plan.steps, plan.img2img_schedule)
+        engine.set_hires(plan.hires)
     log.info("sampler: %r, schedule: %r, %d steps", plan.sampler, plan.discretization, plan.steps)
     log.info("%s", run_line(cfg, plan), extra=CONSOLE)
     quiet_libraries()
 
     callbacks = instantiate_callbacks(
         cfg.get("callbacks"), total_images=len(plan.jobs), provenance=provenance(cfg), image_metrics=plan.image_metrics,
-        extra_metrics={"steps": plan.steps, "sampler": type(plan.sampler).__name__, "seed": plan.seed,
-                       "H": plan.H, "W": plan.W})
+        parameters=run_fields(cfg, plan.steps, plan.H, plan.W, plan.strength, plan.lora_files),
+        extra_metrics={**settings,
+                       **({"hires_H": plan.hires.size[0], "hires_W": plan.hires.size[1]} if plan.hires else {})})
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_logger(cfg, plan.out_dir) or False,
                           enable_progress_bar=False)  # the sampler's bar (progress=true) counts the steps
     from ..data.prompt_datamodule import PromptDataModule

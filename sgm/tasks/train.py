@@ -31,8 +31,11 @@ from .console import CONSOLE, model_name, quiet_libraries
 from .progress import train_progress_bars
 from .checkpoint_io import AtomicCheckpointIO
 from .common import (apply_runtime_settings, build_engine, check_logger, check_size, check_weights, instantiate_callbacks,
-                     make_logger, run_dir)
+                     logger_nodes, make_logger, run_dir)
 from .csv_log import AppendingCSVLogger
+from .debug import apply_overfit
+from .extras import check_conventions, check_tags, record_config
+from .loggers import make_csv_logger
 from .resume import ResumePoint, find_resume, resume_command, run_identity
 from .wandb_logger import finish_wandb, folder_run_id
 
@@ -160,21 +163,23 @@ def cache_encoder(engine: DiffusionEngine):
 
 def wandb_resume_settings(cfg: DictConfig, out_dir: Path) -> None:
     """The W&B logger continues the run folder's W&B run (its id is kept in the folder)."""
-    logger = cfg.get("logger")
-    if logger is not None and str(logger.get("_target_", "")).endswith("make_wandb_logger"):
-        with open_dict(cfg):
-            logger.id = folder_run_id(out_dir)
-            logger.resume = "allow"
+    for node in logger_nodes(cfg).values():
+        if str(node._target_).endswith("make_wandb_logger"):
+            with open_dict(cfg):
+                node.id = folder_run_id(out_dir)
+                node.resume = "allow"
 
 
 def make_trainer(cfg: DictConfig, callbacks: list, out_dir: Path, point: ResumePoint | None) -> L.Trainer:
-    """The Trainer: metrics.csv continued in the run folder, the W&B run continued, atomic checkpoints."""
-    loggers: list = [AppendingCSVLogger(out_dir, resume_step=point.step if point else None)]
-    wandb_resume_settings(cfg, out_dir)
-    wandb_logger = make_logger(cfg, out_dir)
-    if wandb_logger is not None:
-        loggers.append(wandb_logger)
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, enable_checkpointing=True,
+    """The Trainer: metrics.csv continued in the run folder (always; ``logger=csv`` sets its options),
+    the W&B run continued, the other loggers of the ``logger`` group, atomic checkpoints."""
+    resume_step, loggers = point.step if point else None, []
+    if not cfg.trainer.get("fast_dev_run"):  # which gets Lightning's DummyLogger in place of any: make none
+        wandb_resume_settings(cfg, out_dir)
+        loggers = make_logger(cfg, out_dir, resume_step=resume_step)
+        if not any(isinstance(lg, AppendingCSVLogger) for lg in loggers):
+            loggers.insert(0, make_csv_logger(out_dir, tags=check_tags(cfg.get("tags")), resume_step=resume_step))
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_checkpointing=True,
                        plugins=[AtomicCheckpointIO()])
 
 
@@ -187,9 +192,11 @@ def _interrupted(trainer: L.Trainer, out_dir: Path) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured engine on the configured data; return the final metrics."""
+    apply_overfit(cfg)
     multiple, spec = check_train_config(cfg)
     check_weights(cfg.get("weights"))
     check_logger(cfg)
+    check_conventions(cfg)
     apply_runtime_settings(cfg)
     quiet_libraries()
     out_dir = run_dir()
@@ -202,6 +209,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks += train_progress_bars(bool(cfg.trainer.get("enable_progress_bar", True)))
     point = find_resume(cfg.get("resume"), out_dir, identity)
     scan_data(datamodule, cfg.data)  # the folder scan, before any weight file is read
+    record_config(cfg, out_dir)
 
     engine = build_engine(cfg.model, cfg.get("weights"), seed=int(cfg.seed), loss_fn=cfg.loss,
                           optimizer=cfg.optimizer, lr_scheduler=cfg.get("lr_scheduler"))

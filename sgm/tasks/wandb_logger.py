@@ -7,10 +7,10 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import urlparse
 
-#: what WANDB_MODE / logger.mode may be (wandb's own modes, plus our ``auto``)
+#: what WANDB_MODE / logger.wandb.mode may be (wandb's own modes, plus our ``auto``)
 MODES = ("auto", "online", "offline", "disabled", "dryrun", "run", "shared")
 PROBE_SECONDS = 3.0
 
@@ -27,10 +27,10 @@ def has_wandb_credentials() -> bool:
         return False
 
 
-def wandb_mode(mode: str = "auto") -> str:
-    """The mode a run asks for: ``WANDB_MODE`` wins over ``logger.mode``; a ValueError names a bad one."""
+def wandb_mode(mode: str = "auto", key: str = "logger.wandb.mode") -> str:
+    """The mode a run asks for: ``WANDB_MODE`` wins over ``mode`` (config key ``key``); a ValueError names a bad one."""
     env = os.environ.get("WANDB_MODE")
-    chosen, source = (env, "WANDB_MODE") if env else (mode, "logger.mode")
+    chosen, source = (env, "WANDB_MODE") if env else (mode, key)
     if chosen not in MODES:
         raise ValueError(f"{source}={chosen!r} is not a W&B mode: use one of {', '.join(MODES)} "
                          "(or ~logger for no W&B run)")
@@ -83,6 +83,13 @@ def make_wandb_logger(project: str = "sgm", save_dir: str = ".", mode: str = "au
     except Exception as exc:  # noqa: BLE001
         log.warning("W&B logger unavailable (%s); continuing without it", exc)
         return None
+
+
+def sweep_run_name(overrides: Sequence[str], fallback: str) -> str:
+    """A multirun job's W&B run name: its overrides as typed (``hydra.overrides.task``), sorted and
+    joined with ``,``, e.g. ``guider.scale=3,sampler=heun``; ``fallback`` (the sweep and job number)
+    for a job without overrides."""
+    return ",".join(sorted(str(o) for o in overrides)) or fallback
 
 
 RUN_ID_FILE = "wandb_run_id.txt"

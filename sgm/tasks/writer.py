@@ -1,4 +1,9 @@
-"""Writes what Trainer.predict produces: one PNG per image, a grid, metrics.json, W&B media."""
+"""Writes what Trainer.predict produces: one PNG per image, a grid, metrics.json, W&B media.
+
+Each image's PNG holds its prompt, negative prompt, seed and the run's provenance (versions, the
+resolved config) as iTXt chunks, and, given the run's ``parameters`` fields, AUTOMATIC1111's
+``parameters`` text (:mod:`sgm.tasks.a1111`) that image browsers and civitai read.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +19,12 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from omegaconf import OmegaConf
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..checkpoint import default_file_mode
+from .a1111 import format_parameters
 from .console import CONSOLE
 
 log = logging.getLogger(__name__)
@@ -45,8 +52,8 @@ def make_grid(images: np.ndarray, columns: int, gap: int = 2) -> np.ndarray:
 def save_png_once(path: Path, image: np.ndarray, text: dict[str, str]) -> bool:
     """Write ``path`` atomically unless it exists (returns False then: nothing is overwritten)."""
     info = PngInfo()
-    for key, value in text.items():
-        info.add_itxt(key, str(value))
+    for key, value in text.items():  # the web UI writes its infotext as tEXt (iTXt beyond Latin-1)
+        (info.add_text if key == "parameters" else info.add_itxt)(key, str(value))
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
     os.close(fd)
     try:
@@ -65,14 +72,18 @@ class ImageWriter(BasePredictionWriter):
 
     def __init__(self, out_dir: str | Path, total_images: int, provenance: dict[str, str], grid_columns: int = 8,
                  extra_metrics: dict[str, Any] | None = None,
-                 image_metrics: Callable[[torch.Tensor, list[str]], dict[str, float]] | None = None):
+                 image_metrics: Callable[[torch.Tensor, list[str]], dict[str, float]] | None = None,
+                 parameters: dict[str, str | None] | None = None):
         super().__init__(write_interval="batch")
+        self.parameters = parameters
         self.image_metrics = image_metrics
         self.out_dir = Path(out_dir)
         self.total_images = total_images
         self.provenance = provenance
         self.grid_columns = grid_columns
-        self.extra_metrics = extra_metrics or {}
+        # plain values for metrics.json (Hydra hands a run's dict over as a DictConfig)
+        self.extra_metrics = (OmegaConf.to_container(extra_metrics) if OmegaConf.is_config(extra_metrics)
+                              else dict(extra_metrics or {}))
         self.seconds = 0.0
         self.nfe_per_batch: list[int] = []
         self.written = 0
@@ -87,6 +98,8 @@ class ImageWriter(BasePredictionWriter):
         for img, index, seed, prompt, neg in zip(to_uint8(prediction["images"]), prediction["index"],
                                                  prediction["seed"], prediction["prompt"], prediction["negative_prompt"]):
             text = {"prompt": prompt, "negative_prompt": neg, "seed": str(seed), **self.provenance}
+            if self.parameters is not None:
+                text["parameters"] = format_parameters(prompt, neg, {**self.parameters, "Seed": str(seed)})
             self.written += save_png_once(self.out_dir / f"{int(index):05d}.png", img, text)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -42,6 +42,11 @@ class CFGPPMixin:
     _uncond: torch.Tensor | None = None  # the unconditional x0 of the current step (x0 where there is none)
     _prev_uncond: torch.Tensor | None = None  # ... and of the previous step
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # lam = 1 is not the plain step here: a CFG guider must evaluate uncond even at scale 1
+        self.guider.keep_uncond = True
+
     def guided_denoise(self, denoise: DenoiseFn, x: torch.Tensor, sigma: float, cond: dict, uc: dict) -> torch.Tensor:
         guided = self.guided(denoise, x, sigma, cond, uc)
         uncond = guided.predictions.get("uncond")
