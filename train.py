@@ -1,10 +1,14 @@
 """Train: `python train.py data.root=DIR [lora=...] [~lora]` (see conf/train.yaml)."""
 
-import hydra
-from omegaconf import DictConfig
+from sgm.tasks.threads import set_wait_policy
 
-import sgm  # noqa: F401 - registers the ${sgm.asset:NAME} resolver before Hydra resolves
-from sgm.tasks.cli import check_command_line
+set_wait_policy()  # OpenMP's passive wait, before anything imports torch (sgm/tasks/threads.py)
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import sgm  # noqa: F401,E402 - registers the ${sgm.asset:NAME} resolver before Hydra resolves
+from sgm.tasks.cli import check_command_line  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

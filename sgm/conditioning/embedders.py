@@ -15,8 +15,11 @@ like ``open_clip.tokenize`` (ftfy, HTML unescape, whitespace, lower case).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -138,23 +141,37 @@ def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.
 
 
 @functools.lru_cache(maxsize=None)
-def _bpe() -> Any:
-    from open_clip.tokenizer import SimpleTokenizer
+def _tokenizer_module() -> Any:
+    """``open_clip.tokenizer`` (the BPE and its text cleaning) without the rest of open_clip: the
+    package's ``__init__`` imports its models, timm and through timm W&B (about 2 s on a
+    2-core machine) that tokenizing does not use. The module file imports no other part of
+    open_clip, so it is loaded on its own; an open_clip already imported is used as it is."""
+    if "open_clip.tokenizer" in sys.modules:
+        return sys.modules["open_clip.tokenizer"]
+    spec = importlib.util.find_spec("open_clip")  # locates the package without running it
+    if spec is None or spec.origin is None:
+        raise ImportError("open_clip is not installed: pip install open_clip_torch (the CLIP tokenizer)")
+    path = Path(spec.origin).with_name("tokenizer.py")
+    file_spec = importlib.util.spec_from_file_location("sgm._open_clip_tokenizer", path)
+    module = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(module)
+    return module
 
-    return SimpleTokenizer()
+
+@functools.lru_cache(maxsize=None)
+def _bpe() -> Any:
+    return _tokenizer_module().SimpleTokenizer()
 
 
 def _clean_open_clip(text: str) -> str:
-    from open_clip.tokenizer import basic_clean, whitespace_clean
-
-    return whitespace_clean(basic_clean(text)).lower()
+    tok = _tokenizer_module()
+    return tok.whitespace_clean(tok.basic_clean(text)).lower()
 
 
 def _clean_transformers(text: str) -> str:
     import ftfy
-    from open_clip.tokenizer import whitespace_clean
 
-    return whitespace_clean(ftfy.fix_text(text)).lower()
+    return _tokenizer_module().whitespace_clean(ftfy.fix_text(text)).lower()
 
 
 _CLEANERS = {"open_clip": _clean_open_clip, "transformers": _clean_transformers}

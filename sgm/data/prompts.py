@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 WILDCARD = re.compile(r"__([A-Za-z0-9_\-/]+)__")
@@ -123,14 +122,11 @@ def collate_jobs(items: list[PromptJob]) -> dict[str, Any]:
             "negative_prompt": [j.negative_prompt for j in items], "seed": [j.seed for j in items]}
 
 
-class PromptDataModule(L.LightningDataModule):
-    """Serves prompt jobs for ``Trainer.predict``; with DDP, Lightning's sampler splits them."""
+def __getattr__(name: str) -> Any:
+    """``PromptDataModule`` is a Lightning class: imported on first use, so that checking prompts
+    (and failing on a bad one) does not import Lightning (docs/benchmarks.md: cold start)."""
+    if name == "PromptDataModule":
+        from .prompt_datamodule import PromptDataModule
 
-    def __init__(self, jobs: list[PromptJob], batch_size: int = 4):
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.jobs, self.batch_size = jobs, batch_size
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(_Jobs(self.jobs), batch_size=self.batch_size, shuffle=False, collate_fn=collate_jobs)
+        return PromptDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

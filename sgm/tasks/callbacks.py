@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
+from .console import CONSOLE
 from .resume import CONFIG_HASH_KEY, CONFIG_KEY
 from .writer import make_grid, save_png_once, to_uint8
 
@@ -196,7 +197,7 @@ class SaveFinalWeights(L.Callback):
                 if ema is not None:
                     ema.swap_out(pl_module)
             log.info("wrote %s%s at step %d", self.path, " (EMA weights)" if ema is not None else "",
-                     trainer.global_step)
+                     trainer.global_step, extra=CONSOLE)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.fast_dev_run:  # a smoke test of the code, not a result (debug=fdr)

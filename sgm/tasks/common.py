@@ -7,7 +7,7 @@ import platform
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from hydra import compose as hydra_compose
@@ -20,10 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 import sgm
 
 from ..checkpoint import CheckpointMismatchError, compare_keys, format_mismatch, load_checkpoint, parse_dtype
-from ..engine import DiffusionEngine
 from ..networks.sizes import check_pixel_size, config_pixel_multiple
 from .extras import check_tags
 from .wandb_logger import sweep_run_name
+
+if TYPE_CHECKING:  # the engine is a LightningModule: imported where one is built, not by the checks
+    from ..engine import DiffusionEngine
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +142,8 @@ def build_weak_engine(node: Any, weights: Any, main: DiffusionEngine, seed: int 
     main engine's conditioner and first stage (shared, not copied). ``weak_weights.checkpoint``
     holds the UNet alone (``model.diffusion_model.*``); without one (``weak_weights.random``) the
     UNet is seeded by ``seed``."""
+    from ..engine import DiffusionEngine
+
     path = check_weights(weights, "weak")
     dtype = parse_dtype((weights or {}).get("dtype"))
     if path is None:

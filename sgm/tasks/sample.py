@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
-from ..data.prompts import PromptDataModule, PromptJob, make_jobs, read_prompt_file
+from ..data.prompts import PromptJob, make_jobs, read_prompt_file
 from ..data.reading import ImageReadError, image_file, image_to_tensor, read_image
 from ..diffusion._checks import check_finite, check_int
 from ..diffusion.schedule import img2img_start, split_index
@@ -28,10 +28,12 @@ from ..networks.compile import CompileSettings, apply_compile, compile_settings
 from .a1111 import run_fields
 from .common import (apply_runtime_settings, build_engine, build_weak_engine, check_logger, check_size,
                      check_weak_model, check_weights, instantiate_callbacks, make_logger, provenance, run_dir)
+from .console import CONSOLE, quiet_libraries, run_line
 from .extras import check_conventions, record_config
 from .from_image import rerun_config, select_images
 from .hires import check_hires
 from .search import refuse_sample_run, search_spec
+from .threads import choose_threads
 from .wandb_logger import finish_wandb
 
 log = logging.getLogger(__name__)
@@ -237,6 +239,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return refused
     apply_runtime_settings(cfg)
     engine = build_engine(cfg.model, cfg.get("weights"), seed=plan.seed)
+    choose_threads(cfg.get("cpu_threads"), engine.model)
     engine.set_prompt_options(plan.prompt_options)
     if plan.lora_files:
         from ..lora import load_lora_files
@@ -270,13 +273,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         plan.hires.configure(engine, plan.discretization, plan.steps, plan.img2img_schedule)
         engine.set_hires(plan.hires)
     log.info("sampler: %r, schedule: %r, %d steps", plan.sampler, plan.discretization, plan.steps)
+    log.info("%s", run_line(cfg, plan), extra=CONSOLE)
+    quiet_libraries()
 
     callbacks = instantiate_callbacks(
         cfg.get("callbacks"), total_images=len(plan.jobs), provenance=provenance(cfg), image_metrics=plan.image_metrics,
         parameters=run_fields(cfg, plan.steps, plan.H, plan.W, plan.strength, plan.lora_files),
         extra_metrics={**settings,
                        **({"hires_H": plan.hires.size[0], "hires_W": plan.hires.size[1]} if plan.hires else {})})
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_logger(cfg, plan.out_dir) or False)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_logger(cfg, plan.out_dir) or False,
+                          enable_progress_bar=False)  # the sampler's bar (progress=true) counts the steps
+    from ..data.prompt_datamodule import PromptDataModule
+
     trainer.predict(engine, datamodule=PromptDataModule(plan.jobs, plan.batch_size), return_predictions=False)
     finish_wandb(trainer)
     writer = next((cb for cb in callbacks if hasattr(cb, "metrics")), None)

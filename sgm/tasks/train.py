@@ -27,6 +27,8 @@ from ..engine import DiffusionEngine
 from ..lora.spec import LoRASpec
 from ..networks.sizes import config_pixel_multiple
 from .callbacks import ConfigStamp
+from .console import CONSOLE, model_name, quiet_libraries
+from .progress import train_progress_bars
 from .checkpoint_io import AtomicCheckpointIO
 from .common import (apply_runtime_settings, build_engine, check_logger, check_size, check_weights, instantiate_callbacks,
                      logger_nodes, make_logger, run_dir)
@@ -196,6 +198,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_logger(cfg)
     check_conventions(cfg)
     apply_runtime_settings(cfg)
+    quiet_libraries()
     out_dir = run_dir()
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = build_datamodule(cfg.data, multiple)
@@ -203,6 +206,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = instantiate_callbacks(cfg.get("callbacks"), mode=mode, run_config=OmegaConf.to_yaml(cfg))
     identity = run_identity(cfg)
     callbacks.append(ConfigStamp(identity.hash, identity.config))
+    callbacks += train_progress_bars(bool(cfg.trainer.get("enable_progress_bar", True)))
     point = find_resume(cfg.get("resume"), out_dir, identity)
     scan_data(datamodule, cfg.data)  # the folder scan, before any weight file is read
     record_config(cfg, out_dir)
@@ -218,6 +222,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         datamodule.build_cache(cache_encoder(engine), tag=tag)  # another model: another cache
 
     trainer = make_trainer(cfg, callbacks, out_dir, point)
+    log.info("training model=%s (%s) on %s for %s steps -> %s", model_name(), mode, cfg.data.root,
+             cfg.trainer.get("max_steps"), out_dir, extra=CONSOLE)
     sigint = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit(engine, datamodule=datamodule, ckpt_path=str(point.path) if point else None)

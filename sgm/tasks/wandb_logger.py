@@ -71,10 +71,15 @@ def make_wandb_logger(project: str = "sgm", save_dir: str = ".", mode: str = "au
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         import wandb
 
-        return WandbLogger(project=project, save_dir=save_dir, offline=(mode == "offline"), name=name, group=group,
-                           job_type=job_type, tags=tags, config=run_config, id=id,
-                           **({"resume": resume} if resume else {}),
-                           settings=wandb.Settings(init_timeout=30, silent=True))
+        logger = WandbLogger(project=project, save_dir=save_dir, offline=(mode == "offline"), name=name, group=group,
+                             job_type=job_type, tags=tags, config=run_config, id=id,
+                             **({"resume": resume} if resume else {}),
+                             settings=wandb.Settings(init_timeout=30, silent=True))
+        # Lightning passes anonymous=None, which W&B (>= 0.19) warns about at init: leave the key out
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            init.pop("anonymous", None)
+        return logger
     except Exception as exc:  # noqa: BLE001
         log.warning("W&B logger unavailable (%s); continuing without it", exc)
         return None

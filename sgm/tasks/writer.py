@@ -25,6 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..checkpoint import default_file_mode
 from .a1111 import format_parameters
+from .console import CONSOLE
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class ImageWriter(BasePredictionWriter):
         if path.exists():
             raise FileExistsError(f"{path} exists already; refusing to overwrite it")
         path.write_text(json.dumps(self.metrics, indent=2) + "\n")
-        log.info("wrote %d images, grid.png and metrics.json to %s", len(files), self.out_dir)
+        log.info("wrote %d images, grid.png and metrics.json to %s", len(files), self.out_dir, extra=CONSOLE)
         for logger in trainer.loggers:
             try:
                 logger.log_metrics({k: v for k, v in self.metrics.items() if isinstance(v, (int, float))})
