@@ -94,7 +94,9 @@ def test_lora_training_logs_to_wandb_and_writes_a_kohya_file(run_task, images, b
     assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
                for k in keys)
     assert up.abs().sum() > 0, "the adapter trained"
-    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step_000015.png", "step_000030.png"]
+    # the base model's own grid first (validation.sample_at_first), then every 15 steps
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step_000000.png", "step_000015.png",
+                                                                       "step_000030.png"]
     records = wandb_records(out)
     keys = {i.key or "/".join(i.nested_key) for r in records["history"] for i in r.history.item}
     assert {"train/loss", "val/loss"} <= keys and any(k.startswith("samples/grid") for k in keys)
