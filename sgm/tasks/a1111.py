@@ -10,7 +10,8 @@ reads it), so a prompt line's leading or trailing spaces do not come back.
 Hashes as the web UI writes them: ``Model hash`` is the first 10 hex digits of the checkpoint
 file's sha256 ("AutoV2"); ``Lora hashes`` gives each LoRA's first 12 hex digits of the sha256
 of its safetensors data after the header (the web UI's "addnet" hash, civitai's AutoV3; other
-files: of the whole file). Hashes are cached per file (path, size, modification time).
+files: of the whole file). Hashes are cached per file (path, size, modification time), in
+memory and, for files over 256 MiB, in ``~/.cache/sgm/hashes.json`` (``$SGM_CACHE_DIR``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -114,8 +116,37 @@ def parse_parameters(text: str) -> Parameters:
     return Parameters("\n".join(prompt), "\n".join(negative), fields)
 
 
+PERSIST_HASHES_FROM = 256 * 2**20  # files this large (checkpoints) keep their hash on disk across runs
+
+
+def _hash_cache_file() -> Path:
+    """Where large files' hashes are kept between runs (as the web UI keeps its cache.json):
+    ``$SGM_CACHE_DIR`` or ``~/.cache/sgm``, file ``hashes.json``."""
+    return Path(os.environ.get("SGM_CACHE_DIR") or Path.home() / ".cache" / "sgm") / "hashes.json"
+
+
 @lru_cache(maxsize=64)
 def _sha256(path: str, size: int, mtime_ns: int, skip_header: bool) -> str:
+    if size < PERSIST_HASHES_FROM:
+        return _compute_sha256(path, skip_header)
+    key, cache_file = f"{path}|{size}|{mtime_ns}|{int(skip_header)}", _hash_cache_file()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:  # a multi-GB checkpoint is hashed once, not at the start of every run
+        cache[key] = _compute_sha256(path, skip_header)
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+        except OSError as exc:  # a read-only home: the hash is still right, only not kept
+            log.debug("hash cache %s not written: %s", cache_file, exc)
+    return cache[key]
+
+
+def _compute_sha256(path: str, skip_header: bool) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         if skip_header:
