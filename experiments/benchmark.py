@@ -670,8 +670,8 @@ def section_load(args: argparse.Namespace) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------------------
 def gpu_spec(args: argparse.Namespace) -> dict:
     """What the GPU section measures; the dry run: the same code on the CPU with model=tiny at 64x64."""
-    if args.gpu_dry_run:
-        return {"model": "tiny", "refiner": "tiny", "res": 64, "steps": 2, "batches": [1, 2],
+    if args.gpu_dry_run:  # the eager pipeline at two batches, the compiled variants (a trace each) at the first
+        return {"model": "tiny", "refiner": "tiny", "res": 64, "steps": 2, "batches": [1, 2], "variant_batches": [1],
                 "dtype": args.gpu_dry_run_dtype, "device": "cpu", "repeats": 1, "unet_calls": 3, "decode_repeats": 1,
                 "meta_check": ["sdxl_base", "sdxl_refiner"], "cfg_scale": 5.0, "refiner_latent": 16,
                 "variant_repeats": 1, "compile_mode": "default", "compile_estimate_s": 0}

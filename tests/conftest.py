@@ -231,8 +231,8 @@ def ksampling():
 # 2 cores: shipped_model 116, train 98, config 89, run 54, toolbox 42, experiments 40) are
 # collected first, so that `make test`'s processes start on them and end on short files instead of
 # one process finishing a long file alone. Collection order only: every test still runs.
-LONG_FILES_FIRST = ("test_shipped_model.py", "test_train.py", "test_config.py", "test_run.py", "test_toolbox.py",
-                    "test_experiments.py")
+LONG_FILES_FIRST = ("test_compile.py", "test_train.py", "test_config.py", "test_shipped_model.py", "test_conventions.py",
+                    "test_run.py", "test_optuna_search.py", "test_eval_task.py", "test_toolbox.py", "test_cold_start.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

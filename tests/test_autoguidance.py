@@ -323,6 +323,7 @@ def test_random_weak_weights_through_run_task(run_task, tmp_path):
     assert metrics["network_evaluations_per_batch"] == 3 + 3 and cfg.weak_weights.random
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_layer_skip_form_runs_without_a_second_model(run_task, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a weak engine was built for the layer-skip form")

@@ -35,13 +35,7 @@ def imported(stderr: str) -> set[str]:
     return {name.split(".")[0] for name in IMPORT_LINE.findall(stderr)}
 
 
-def test_importing_the_sample_task_imports_no_lightning_wandb_metrics_or_plotting():
-    res = python("-c", "import json, sys, sgm.tasks.sample; "
-                       f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))")
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout) == []
-
-
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_a_config_error_stops_before_lightning_is_imported(tmp_path):
     res = python("-X", "importtime", "run.py", "steps=0", f"hydra.run.dir={tmp_path / 'run'}")
     assert res.returncode == 1
@@ -51,6 +45,7 @@ def test_a_config_error_stops_before_lightning_is_imported(tmp_path):
     assert modules.isdisjoint(HEAVY), sorted(modules & set(HEAVY))
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 @pytest.mark.parametrize("args, shows", [(["--help"], "Powered by Hydra"), (["--cfg", "job"], "sampler:")])
 def test_help_and_cfg_import_no_torch(args, shows):
     res = python("-X", "importtime", "run.py", *args)
@@ -60,30 +55,50 @@ def test_help_and_cfg_import_no_torch(args, shows):
     assert "torch" not in modules and modules.isdisjoint(HEAVY)
 
 
+# one fresh interpreter for three stages: importing the sample task, tokenizing with the digit model's
+# CLIP BPE (open_clip's tokenizer module alone: not its package, timm, or through timm W&B), and the
+# whole validate step of the default run
 VALIDATE = """
 import json, sys
+heavy = lambda: sorted(m for m in %r + ("timm",) if m in sys.modules)
+import sgm.tasks.sample
+after_import = heavy()
+from sgm.conditioning.embedders import bpe_encode
+ids = bpe_encode(sys.argv[2])
+after_tokenizing = heavy()
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict, read_write
 from sgm.tasks.common import compose
-cfg = compose("sample", sys.argv[2:], hydra=True)
+cfg = compose("sample", sys.argv[3:], hydra=True)
 with read_write(cfg.hydra), open_dict(cfg.hydra):
     cfg.hydra.runtime.output_dir = sys.argv[1]
 HydraConfig.instance().set_config(cfg)
 from sgm.tasks.sample import validate
 plan = validate(cfg)
-print(json.dumps({"images": len(plan.jobs), "metrics": plan.image_metrics is not None,
-                  "heavy": sorted(m for m in %r if m in sys.modules)}))
+print(json.dumps({"images": len(plan.jobs), "metrics": plan.image_metrics is not None, "ids": ids,
+                  "heavy": {"import": after_import, "tokenize": after_tokenizing, "validate": heavy()}}))
 """
+TEXT = "A photo of a Cat, 3!  caf\u00e9 &amp; more"
 
 
-def test_the_whole_validate_step_of_the_default_run_imports_no_lightning(tmp_path):
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory) -> dict:
+    res = python("-c", VALIDATE % (HEAVY,), str(tmp_path_factory.mktemp("validate")), TEXT, "steps=2")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
+def test_importing_the_sample_task_imports_no_lightning_wandb_metrics_or_plotting(stages):
+    assert stages["heavy"]["import"] == []
+
+
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
+def test_the_whole_validate_step_of_the_default_run_imports_no_lightning(stages):
     """Sampler, schedule, prompt syntax (conditioners on meta) and the digit metrics (their
     classifier read), all without Lightning."""
-    res = python("-c", VALIDATE % (HEAVY,), str(tmp_path), "steps=2")
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["images"] == 10 and out["metrics"]
-    assert out["heavy"] == []
+    assert stages["images"] == 10 and stages["metrics"]
+    assert stages["heavy"]["validate"] == []
 
 
 def test_wait_policy_is_set_unless_the_user_chose_one(monkeypatch):
@@ -93,6 +108,7 @@ def test_wait_policy_is_set_unless_the_user_chose_one(monkeypatch):
     assert os.environ["OMP_WAIT_POLICY"] == WAIT_POLICY["OMP_WAIT_POLICY"]
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_run_py_sets_the_wait_policy_before_torch_starts():
     res = python("-c", "import runpy, sys; sys.argv = ['run.py', '--help']; import os\n"
                        "try:\n    runpy.run_path('run.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
@@ -116,17 +132,12 @@ def test_choose_threads_sets_torch(cpu_threads, expected):
         torch.set_num_threads(before)
 
 
-def test_tokenizing_loads_open_clips_tokenizer_alone_and_matches_the_package():
-    """The BPE without open_clip's package (models, timm, and through timm W&B); the same token ids
-    as open_clip's own SimpleTokenizer (the oracle, imported afterwards)."""
-    code = ("import json, sys\nfrom sgm.conditioning.embedders import bpe_encode\n"
-            "ids = bpe_encode('A photo of a Cat, 3!  caf\\u00e9 &amp; more')\n"
-            "heavy = sorted(m for m in ('open_clip', 'timm', 'wandb') if m in sys.modules)\n"
-            "from open_clip.tokenizer import SimpleTokenizer, basic_clean, whitespace_clean\n"
-            "ref = SimpleTokenizer().encode(whitespace_clean(basic_clean('A photo of a Cat, 3!  caf\\u00e9 &amp; more')).lower())\n"
-            "print(json.dumps({'ids': ids, 'ref': ref, 'heavy': heavy}))")
-    res = python("-c", code)
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["heavy"] == []
-    assert out["ids"] == out["ref"] and len(out["ids"]) > 8
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
+def test_tokenizing_loads_open_clips_tokenizer_alone_and_matches_the_package(stages):
+    """The BPE without open_clip's package (models, timm, and through timm W&B), in the fresh
+    interpreter; the same token ids as open_clip's own SimpleTokenizer (the oracle, here)."""
+    from open_clip.tokenizer import SimpleTokenizer, basic_clean, whitespace_clean
+
+    assert stages["heavy"]["tokenize"] == []
+    ref = SimpleTokenizer().encode(whitespace_clean(basic_clean(TEXT)).lower())
+    assert stages["ids"] == ref and len(ref) > 8

@@ -29,6 +29,7 @@ def _unet_inputs(batch=2):
             torch.randn(batch, 7, 80, generator=g), torch.randn(batch, 224, generator=g))
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_unet_has_no_graph_break(tiny):
     import torch._dynamo
 
@@ -59,6 +60,7 @@ def _compiled_vs_eager(cfg, settings):
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_compiled_sampling_equals_eager(tiny):
     """aot_eager traces the whole UNet (fullgraph) and runs the traced graph: fast on a CPU."""
     _compiled_vs_eager(tiny[0], CompileSettings(enabled=True, backend="aot_eager", fuse_qkv=True, channels_last=True))

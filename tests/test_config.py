@@ -37,6 +37,7 @@ SAME_AS_HYDRA = [  # (config, overrides): every kind the tests use, defaults-lis
 ]
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_cached_compose_is_hydras_compose(compose):
     """conftest's compose (a cached composition plus the value overrides applied as Hydra applies
     them) gives what Hydra's own compose gives, hydra node included, and fails alike."""
@@ -156,6 +157,7 @@ def test_bad_value_fails_before_writing_anything(run_task, tmp_path):
     assert not list((tmp_path / "run").glob("*.png"))
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_run_writes_images_grid_and_metrics(run_task, tmp_path):
     """The shipped default (model=digits, metrics=digits): ten digits, judged in metrics.json."""
     out = tmp_path / "run"

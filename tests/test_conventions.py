@@ -14,7 +14,7 @@ import yaml
 from omegaconf import OmegaConf, read_write
 
 from sgm.tasks import extras
-from sgm.tasks.common import logger_nodes, make_logger
+from sgm.tasks.common import CONF_DIR, logger_nodes, make_logger
 from test_catalogue import no_weights  # noqa: F401 - the fixture: no weight file may be read
 from test_run import sample, wandb_records
 from test_train import images, train  # noqa: F401 - the session's tiny image folder
@@ -50,19 +50,32 @@ def tiny_train(images: Path, *extra: str) -> list[str]:
             "validation.sample_every_n_steps=0", "validation.steps=2", *extra]
 
 
+# Anomaly detection stores a Python stack per autograd op, which under pytest's deep stack makes a step
+# several times slower. debug=default and debug=anomaly run with it (their tests below); the tests of
+# the other debug configs check their own part with it off, and test_every_debug_config_detects_anomalies
+# holds each composed config to it.
+WITHOUT_ANOMALY = "trainer.detect_anomaly=false"
+
+
 def files(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
 
 
 # -- debug configs (train.py) -------------------------------------------------------------------
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "debug").glob("*.yaml")))
+def test_every_debug_config_detects_anomalies(compose, name):
+    assert compose("train", [f"debug={name}"]).trainer.detect_anomaly is True
+
+
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_debug_default_runs_one_cpu_process_with_anomaly_detection(run_task, images, tmp_path, compose):
     probe, path = probed(tmp_path)
     out = tmp_path / "run"
     # trainer=ddp_cpu would start two processes; debug=default makes it one, in this process
-    train(run_task, out, *tiny_train(images, "trainer=ddp_cpu", "debug=default", "trainer.max_steps=2", *probe))
+    train(run_task, out, *tiny_train(images, "trainer=ddp_cpu", "debug=default", "trainer.max_steps=1", *probe))
     seen = rows(path)
-    assert [r["step"] for r in seen] == [0, 1]
+    assert [r["step"] for r in seen] == [0]
     assert all(r["anomaly"] and r["world_size"] == 1 and r["accelerator"] == "CPUAccelerator" for r in seen)
     cfg = compose("train", ["debug=default"], hydra=True)
     assert list(cfg.tags) == ["debug"] and list(cfg.hydra.verbose) == ["sgm"]
@@ -82,6 +95,7 @@ def test_a_debug_config_refuses_a_sweep(hydra_runtime, images, tmp_path):
         extras.check_conventions(cfg)
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_debug_fdr_runs_one_step_and_leaves_no_checkpoint_weights_or_logs(run_task, images, tmp_path):
     probe, path = probed(tmp_path)
     out = tmp_path / "run"
@@ -98,19 +112,20 @@ def test_debug_fdr_runs_one_step_and_leaves_no_checkpoint_weights_or_logs(run_ta
 def test_debug_overfit_trains_on_one_fixed_batch(run_task, images, tmp_path):
     probe, path = probed(tmp_path)
     out = tmp_path / "run"
-    train(run_task, out, *tiny_train(images, "debug=overfit", "trainer.max_steps=4", *probe))
+    train(run_task, out, *tiny_train(images, "debug=overfit", WITHOUT_ANOMALY, "trainer.max_steps=4", *probe))
     seen = rows(path)
     assert [r["epoch"] for r in seen] == [0, 1, 2, 3] and {r["batches_per_epoch"] for r in seen} == {1}
     assert len({(tuple(r["captions"]), r["pixels"]) for r in seen}) == 1, "one batch, the same every step"
     assert "trainer.overfit_batches=1: the first 1 training batch(es), unshuffled" in (out / "train.log").read_text()
 
 
-@pytest.mark.slow  # 20 steps with anomaly detection, two checkpoints, two sample grids
+@pytest.mark.slow  # 20 steps, two checkpoints, two sample grids
 def test_debug_limit_runs_every_part_in_twenty_steps(run_task, images, tmp_path):
     probe, path = probed(tmp_path)
     out = tmp_path / "run"
     # validation.sample_every_n_steps=10: limit.yaml's value, back after tiny_train's 0
-    train(run_task, out, *tiny_train(images, "debug=limit", *probe), "validation.sample_every_n_steps=10")
+    train(run_task, out, *tiny_train(images, "debug=limit", WITHOUT_ANOMALY, *probe),
+          "validation.sample_every_n_steps=10")
     seen = rows(path)
     assert len(seen) == 20 and {r["batches_per_epoch"] for r in seen} == {4}
     assert max(r["epoch"] for r in seen) == 4
@@ -124,12 +139,13 @@ def test_debug_limit_runs_every_part_in_twenty_steps(run_task, images, tmp_path)
 
 def test_debug_profiler_writes_its_table_into_the_run_folder(run_task, images, tmp_path):
     out = tmp_path / "run"
-    train(run_task, out, *tiny_train(images, "debug=profiler", "trainer.max_steps=3"))
+    train(run_task, out, *tiny_train(images, "debug=profiler", WITHOUT_ANOMALY, "trainer.max_steps=3"))
     (report,) = [p for p in out.glob("*profile*.txt")]
     text = report.read_text()
     assert "run_training_batch" in text and "Mean duration" in text
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_debug_anomaly_keeps_the_run_device_settings(run_task, images, tmp_path, compose):
     probe, path = probed(tmp_path)
     cfg = compose("train", ["trainer=gpu", "debug=anomaly"])

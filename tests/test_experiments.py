@@ -27,17 +27,18 @@ def _script(path: Path) -> ModuleType:
     return module
 
 
-@pytest.mark.slow  # the script's own latent statistics encode all 4,500 training digits
+@pytest.mark.slow  # ten training steps, then the latent statistics
 def test_autoencoder_trainer_writes_weights_for_the_tiny_first_stage(tmp_path, monkeypatch):
     out = tmp_path / "ae.safetensors"
     script = ROOT / "experiments/shipped_model/train_autoencoder.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--steps", "10", "--batch-size", "4", "--threads", "1",
-                                      "--out", str(out)])
+                                      "--stats-images", "200", "--eval-images", "50", "--out", str(out)])
     with preserved_globals():  # in-process: the script seeds torch and sets its threads
         _script(script).main()
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert float(meta["scale_factor"]) > 0 and meta["steps"] == "10" and meta["seed"] == "0"
+    assert meta["stats_images"] == "200" and meta["eval_images"] == "50"
     vae = instantiate(OmegaConf.load(ROOT / "conf/first_stage/tiny.yaml"))
     vae.load_state_dict(load_file(str(out)))  # strict: exactly the AutoencoderKL's keys
 

@@ -50,6 +50,7 @@ def test_latent_hires_runs_the_second_pass_at_the_larger_size(tmp_path, sizes_se
     assert sizes_seen == [(32, 32)] * 2 + [(48, 48)] * 2  # cond and uc of each pass
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_pixel_hires_with_an_upscaler_module_then_lanczos(tmp_path):
     out = tmp_path / "up"
     run_sample(out, *RUN, "hires=pixel", "hires.scale=2", "hires.upscaler={_target_:torch.nn.Upsample,scale_factor:3}",

@@ -98,6 +98,7 @@ def trained(base, tmp_path_factory):
 
 # ------------------------------------------------------------------ targets and names (SDXL base, meta)
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_sdxl_base_default_targets_are_kohyas_722(compose):
     engine = _meta_sdxl_base(compose)
     names = inject_lora(engine, LoRASpec(16, 16))

@@ -21,6 +21,7 @@ def held_out():
     return held_out_digits()
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_shipped_reference_stats_are_those_of_the_held_out_digits(held_out):
     reference, _ = held_out
     shipped, fresh = load_reference_stats(), reference_stats(reference)

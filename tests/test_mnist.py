@@ -41,6 +41,7 @@ def test_export_feeds_the_image_folder_datamodule(mnist, tmp_path):
     assert batch["jpg"].shape == (4, 3, 32, 32) and batch["txt"][0].startswith("a handwritten digit ")
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_shipped_digit_classifier_is_accurate_on_the_held_out_split(mnist):
     import torch
 

@@ -400,7 +400,8 @@ def test_clip_skip_is_the_nth_hidden_state_from_the_last(encoders):
 
 @pytest.mark.slow
 def test_weighted_digit_prompt_draws_sevens(run_task, tmp_path):
-    overrides = ["progress=false", "~logger", "prompt='a handwritten digit (seven:1.2)'", "num_images_per_prompt=20"]
+    overrides = ["progress=false", "~logger", "prompt='a handwritten digit (seven:1.2)'", "num_images_per_prompt=10",
+                 "steps=15"]
     metrics, _ = run_task("sample", overrides, tmp_path / "a1111")
     assert metrics["accuracy"] >= 0.9
     metrics, _ = run_task("sample", [*overrides, "prompt_syntax=none"], tmp_path / "none")

@@ -377,6 +377,7 @@ def test_run_and_train_print_the_hint_and_the_readme_quoting_works():
 
 # ------------------------------------------------------------------ and a good run still runs
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_img2img_with_a_16_bit_init_image_and_a_lora_file_runs(tmp_path):
     from sgm.lora import LoRASpec, inject_lora, save_lora
     from sgm.tasks.common import build_engine

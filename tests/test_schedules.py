@@ -327,6 +327,7 @@ def test_for_model_fills_a_copy():
 
 
 # --- every config file, as run.py composes it ---------------------------------------------------
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_every_schedule_config_gives_steps_plus_one_descending_sigmas(compose):
     """``python run.py discretization=NAME``: with the shipped discrete model and the analytic
     continuous one (the same range, so the composed bounds serve both)."""
@@ -349,6 +350,7 @@ def test_every_schedule_config_gives_steps_plus_one_descending_sigmas(compose):
 
 
 # --- model sampling kinds (conf/denoiser) -------------------------------------------------------
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_every_denoiser_kind_builds_its_prediction(compose):
     x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     out = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -58,6 +58,7 @@ def test_network_wrapper_is_honoured_or_rejected(tiny_cfg):
         _engine_with(tiny_cfg, network_wrapper="nowhere.Wrapper")
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_compile_model_keeps_the_original_state_dict_keys(tiny_cfg, tiny):
     compiled = _engine_with(tiny_cfg, compile_model=True)
     assert len(compiled.model._compiled) == 1  # torch.compile is lazy: nothing compiles until a call

@@ -50,22 +50,24 @@ def test_shipped_file_is_small_single_file_in_the_original_layout(cfg, shipped):
     assert all(p.dtype == torch.float32 for p in shipped.parameters())  # weights.dtype=float32
 
 
-@pytest.mark.slow  # 250 images at the default 30 steps
+@pytest.mark.slow  # 120 images at the default 30 steps
 def test_default_settings_draw_the_prompted_digits(compose, cfg, shipped):
-    """The default run's prompts and sampler, 20 seeds each: the classifier agrees >= 95%."""
-    prompts = [p for p in cfg.prompts for _ in range(20)]
+    """The default run's prompts and sampler, 10 seeds each: the classifier agrees >= 95%, and the
+    Frechet distance is a tenth of an untrained model's (two images per digit: its distance is that
+    of noise, far beyond the threshold whatever the sample size)."""
+    prompts = [p for p in cfg.prompts for _ in range(10)]
     images = _sample(shipped, cfg, prompts, list(range(len(prompts))))
     metrics = DigitMetrics()(images, prompts)
     assert metrics["accuracy"] >= 0.95, metrics
     untrained_cfg = compose("sample", ["weights.checkpoint=null", "weights.random=true"])
     untrained = build_engine(untrained_cfg.model, untrained_cfg.weights, seed=0)
-    baseline = DigitMetrics()(_sample(untrained, cfg, prompts[::4], list(range(0, len(prompts), 4))), prompts[::4])
+    baseline = DigitMetrics()(_sample(untrained, cfg, prompts[::5], list(range(0, len(prompts), 5))), prompts[::5])
     assert metrics["frechet_distance"] < 0.1 * baseline["frechet_distance"], (metrics, baseline)
 
 
-@pytest.mark.slow  # 50 images at the default 30 steps
+@pytest.mark.slow  # 30 images at the default 30 steps
 def test_numerals_and_words_name_the_same_digit(cfg, shipped):
-    prompts = [f"a handwritten digit {d}" for d in range(10) for _ in range(5)]
-    images = _sample(shipped, cfg, prompts, list(range(100, 150)))
+    prompts = [f"a handwritten digit {d}" for d in range(10) for _ in range(3)]
+    images = _sample(shipped, cfg, prompts, list(range(100, 130)))
     assert DigitMetrics()(images, prompts)["accuracy"] >= 0.9
     assert DIGIT_WORDS[3] == "three"

@@ -139,6 +139,7 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(run_task, image
             torch.testing.assert_close(a.get_tensor(k), b.get_tensor(k), rtol=0, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_cached_latents_train_and_text_encoder_lora_is_refused_with_them(run_task, images, tmp_path):
     cache = tmp_path / "cache"
     out = tmp_path / "run"

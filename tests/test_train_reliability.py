@@ -198,6 +198,7 @@ def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(trained, images,
         find_resume(str(ckpts / "last.ckpt"), out, identity)
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_a_run_resumed_past_a_truncated_last_ckpt_continues_its_folder(trained, images, tmp_path):
     out = copy_run(trained, tmp_path)
     truncate(out / "checkpoints" / "last.ckpt")
@@ -252,6 +253,7 @@ def test_metrics_csv_is_continued_not_replaced(tmp_path):
     assert rows == [("1", "1.0", ""), ("2", "", "0.6"), ("2", "0.7", ""), ("4", "", "0.5")]
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_a_resumed_run_continues_its_wandb_run(images, tmp_path, monkeypatch):
     calls = []
 
@@ -300,6 +302,7 @@ def assert_same_adapter(a_path: Path, b_path: Path) -> None:
             torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 @pytest.mark.parametrize("inside", [False, True], ids=["after a step", "inside a batch"])
 def test_ctrl_c_saves_a_resumable_checkpoint_the_adapter_and_says_how_to_resume(inside, images, straight, tmp_path,
                                                                                 caplog):

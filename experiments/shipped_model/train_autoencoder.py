@@ -56,6 +56,10 @@ def main() -> None:
     parser.add_argument("--kl-weight", type=float, default=1e-4, help="per-sample KL (summed) vs summed L1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stats-images", type=int, default=0,
+                        help="training images the latent statistics (scale_factor) are taken over; 0: all of them")
+    parser.add_argument("--eval-images", type=int, default=0,
+                        help="held-out images the reconstruction L1 is measured on; 0: all of them")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -69,7 +73,7 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps,
                                                 pct_start=max(0.05, 2 / args.steps))  # >= 2 warm-up steps
     g = torch.Generator().manual_seed(args.seed)
-    held_rgb = colourize(x_held, torch.Generator().manual_seed(1))
+    held_rgb = colourize(x_held[:args.eval_images] if args.eval_images > 0 else x_held, torch.Generator().manual_seed(1))
     start = time.perf_counter()
     perm, pos = torch.randperm(len(x_train), generator=g), 0
     for step in range(1, args.steps + 1):
@@ -99,18 +103,19 @@ def main() -> None:
             log.info("step %d: train l1 %.4f kl %.1f | held-out l1 %.4f (%.0f s)", step, l1.item() / x[0].numel(),
                      kl.item(), held_l1, time.perf_counter() - start)
     model.eval()
+    x_stats = x_train[:args.stats_images] if args.stats_images > 0 else x_train
     with torch.no_grad():
-        z = torch.cat([model.encode_posterior(colourize(x_train[i:i + 500], g)).sample(generator=g)
-                       for i in range(0, len(x_train), 500)])
-        gray = torch.cat([model.encode_posterior(x_train[i:i + 500].expand(-1, 3, -1, -1) * 2 - 1).mode()
-                          for i in range(0, len(x_train), 500)])
+        z = torch.cat([model.encode_posterior(colourize(x_stats[i:i + 500], g)).sample(generator=g)
+                       for i in range(0, len(x_stats), 500)])
+        gray = torch.cat([model.encode_posterior(x_stats[i:i + 500].expand(-1, 3, -1, -1) * 2 - 1).mode()
+                          for i in range(0, len(x_stats), 500)])
     std = z.std().item()
     log.info("latent std %.4f (white-ink digits only: %.4f), mean %.4f: scale_factor %.4f",
              std, gray.std().item(), z.mean().item(), 1 / std)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, args.out,
                       {"scale_factor": f"{1 / std:.5f}", "held_out_l1": f"{held_l1:.5f}", "seed": str(args.seed),
-                       "steps": str(args.steps), "kl_weight": str(args.kl_weight)})
+                       "steps": str(args.steps), "kl_weight": str(args.kl_weight), "stats_images": str(len(x_stats)), "eval_images": str(len(held_rgb))})
     log.info("wrote %s", args.out)
 
 
