@@ -227,8 +227,8 @@ def ksampling():
     return ks
 
 
-# The longest test files (measured: `pytest -n 2 --dist loadfile --durations=0`, seconds per file on
-# 2 cores: shipped_model 116, train 98, config 89, run 54, toolbox 42, experiments 40) are
+# The longest test files (measured: `pytest -n 2 --dist loadfile --junitxml=F`, seconds per file on
+# 2 cores, quiet machine: compile ~60, train 72, config 63, shipped_model ~45, conventions ~45) are
 # collected first, so that `make test`'s processes start on them and end on short files instead of
 # one process finishing a long file alone. Collection order only: every test still runs.
 LONG_FILES_FIRST = ("test_compile.py", "test_train.py", "test_config.py", "test_shipped_model.py", "test_conventions.py",
