@@ -143,6 +143,50 @@ def preserved_globals(log_file: Path | None = None) -> Iterator[None]:
         HydraConfig.instance().cfg = hydra_cfg
 
 
+@contextmanager
+def _preserved_logging() -> Iterator[None]:
+    """Every logger's handlers, level and ``disabled`` flag as they were (Hydra's job logging
+    reconfigures them with ``logging.config.dictConfig``)."""
+    manager = logging.Logger.manager
+    loggers = [logging.getLogger()] + [lg for lg in manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    saved = {lg: (list(lg.handlers), lg.level, lg.disabled, lg.propagate) for lg in loggers}
+    try:
+        yield
+    finally:
+        for lg in [logging.getLogger()] + [x for x in manager.loggerDict.values() if isinstance(x, logging.Logger)]:
+            handlers, level, disabled, propagate = saved.get(lg, ([], logging.NOTSET, False, True))
+            for h in lg.handlers:
+                if h not in handlers:
+                    h.close()
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.disabled, lg.propagate = disabled, propagate
+
+
+def run_script(script: str, args: Sequence[str]) -> int:
+    """``python SCRIPT ARGS`` (run.py, train.py, eval.py) in this process: the script's ``__main__``
+    block as it is (its command-line checks, ``@hydra.main`` parsing ``-m``, the sweeper and the
+    launcher), without a new interpreter's imports. Returns the exit status; Hydra's global
+    state, logging and the other globals it touched are put back."""
+    import runpy
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    argv = sys.argv
+    sys.argv = [script, *args]
+    code = 0
+    try:
+        with preserved_globals(), _preserved_logging():
+            try:
+                runpy.run_path(str(ROOT / script), run_name="__main__")
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()
+    return code
+
+
 def hydra_job_config(config_name: str, overrides: Sequence[str], out_dir: Path | str) -> DictConfig:
     """The composed config with the ``hydra`` node as ``@hydra.main`` has it in a RUN job into ``out_dir``
     (``hydra.run.dir=OUT_DIR``)."""

@@ -20,6 +20,7 @@ from sgm.config import SGM_ALIASES, convert_sgm_config, load_sgm_yaml, resolve_t
 from sgm.diffusion import (DiscreteDenoiser, DiscreteSampling, EpsScaling, EpsWeighting, EulerEDMSampler,
                            LegacyDDPMDiscretization, StandardDiffusionLoss, VanillaCFG)
 from sgm.diffusion.guiders import NoDynamicThresholding
+from conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -175,9 +176,10 @@ def test_run_writes_images_grid_and_metrics(run_task, tmp_path):
 
 @pytest.mark.slow
 def test_multirun_sweeps_the_guidance_scale(tmp_path):
-    res = _run("-m", "guider.scale=1,3,5", "progress=false", "steps=4", f"hydra.sweep.dir={tmp_path}/sweep",
-               timeout=600)
-    assert res.returncode == 0, res.stderr
+    """``python run.py -m guider.scale=1,3,5``: the script's own ``__main__`` in this process (conftest.run_script)."""
+    code = run_script("run.py", ["-m", "guider.scale=1,3,5", "progress=false", "steps=4",
+                                 f"hydra.sweep.dir={tmp_path}/sweep"])
+    assert code == 0
     runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
     assert len(runs) == 3
     scales = [yaml.safe_load((r.parent / ".hydra" / "config.yaml").read_text())["guider"]["scale"] for r in runs]
