@@ -122,6 +122,11 @@ class DiffusionEngine(L.LightningModule):
         self.latent_channels = latent_channels or getattr(unet, "out_channels", None) or getattr(unet, "in_channels", 4)
         self.downsample_factor = downsample_factor or getattr(self.first_stage_model, "downsample_factor", 1)
         self.pixel_multiple = self.downsample_factor * getattr(unet, "downsampling", 1)
+        self.clear_run_state()
+
+    def clear_run_state(self) -> None:
+        """Forget what a sampling run set (prediction settings, refiner, init image, inpainting, hires,
+        prompt options, the NFE count): a built engine reused by the next run starts as a fresh one."""
         self.network_evaluations = 0
         self.predict_options: dict[str, Any] = {}
         self._refiner: list[DiffusionEngine] = []  # a list keeps the refiner out of this state_dict

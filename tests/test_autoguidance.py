@@ -328,7 +328,7 @@ def test_layer_skip_form_runs_without_a_second_model(run_task, tmp_path, monkeyp
     def refuse(*args, **kwargs):
         raise AssertionError("a weak engine was built for the layer-skip form")
 
-    monkeypatch.setattr("sgm.tasks.sample.build_weak_engine", refuse)
+    monkeypatch.setattr("sgm.tasks.common.build_weak_engine", refuse)
     metrics, _ = run_task("sample", [*TINY_AG, *RANDOM_WEAK, "guider.skip_layers=[mid]"], tmp_path / "run")
     assert metrics["network_evaluations_per_batch"] == 3 * 2
 
@@ -383,7 +383,7 @@ WEAK_CASES = [
 @pytest.mark.parametrize("overrides, error, message", WEAK_CASES, ids=[" ".join(c[0]) for c in WEAK_CASES])
 def test_bad_weak_model_fails_before_any_weight_is_read(hydra_runtime, no_weights, weak_files,  # noqa: F811
                                                         monkeypatch, tmp_path, overrides, error, message):
-    monkeypatch.setattr("sgm.tasks.sample.build_weak_engine", no_weights_error)
+    monkeypatch.setattr("sgm.tasks.common.build_weak_engine", no_weights_error)
     filled = [o.format(**weak_files) for o in overrides]
     cfg = hydra_runtime("sample", [*QUIET, "guider=autoguidance", *filled], tmp_path / "new")
     with pytest.raises(error, match=message):

@@ -35,7 +35,7 @@ def no_weights(monkeypatch):
 
     for target in ("sgm.checkpoint.load_checkpoint", "sgm.tasks.common.load_checkpoint", "sgm.checkpoint.safe_open",
                    "safetensors.safe_open", "safetensors.torch.load_file", "sgm.tasks.common.build_engine",
-                   "sgm.tasks.sample.build_engine", "sgm.tasks.train.build_engine"):
+                   "sgm.tasks.train.build_engine"):
         monkeypatch.setattr(target, refuse)
 
 

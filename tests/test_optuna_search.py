@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 
 from conftest import run_script
 from sgm.diffusion.schedule import sampling_sigmas
-from sgm.tasks import sample
+from sgm.tasks import common, sample
 from sgm.tasks.search import objective, planned_nfe, search_spec
 
 QUIET = ["~logger", "progress=false", "cpu_threads=1"]
@@ -68,7 +68,7 @@ def test_bad_search_settings_are_named_before_any_weight(hydra_runtime, monkeypa
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built before the search settings were checked")
 
-    monkeypatch.setattr(sample, "build_engine", refuse)
+    monkeypatch.setattr(common, "build_engine", refuse)
     with pytest.raises(ValueError) as err:
         sample.run(cfg)
     assert message in str(err.value)
@@ -85,7 +85,7 @@ def test_sweeper_direction_must_match_the_metric(hydra_runtime):
 def test_over_budget_run_is_refused_before_any_weight(hydra_runtime, monkeypatch, tmp_path):
     cfg = hydra_runtime("sample", ["sampler=heun", "steps=10", "optimized_metric=frechet_distance",
                                    "+constraints.nfe.max=16", *QUIET])
-    monkeypatch.setattr(sample, "build_engine", lambda *a, **k: pytest.fail("weights read for a refused run"))
+    monkeypatch.setattr(common, "build_engine", lambda *a, **k: pytest.fail("weights read for a refused run"))
     metrics = sample.run(cfg)
     assert metrics["refused"] == "nfe 19 > 16 (predicted before sampling)"
     assert metrics["network_evaluations_per_batch"] == 19 and metrics["images"] == 0

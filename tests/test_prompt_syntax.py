@@ -358,12 +358,12 @@ def test_embedding_errors_are_named_before_weights(tmp_path, meta_conditioners):
 
 
 def test_run_stops_on_a_missing_embedding_before_building(run_task, tmp_path, monkeypatch):
-    from sgm.tasks import sample
+    from sgm.tasks import common
 
     def no_build(*args, **kwargs):
         raise AssertionError("the model was built")
 
-    monkeypatch.setattr(sample, "build_engine", no_build)
+    monkeypatch.setattr(common, "build_engine", no_build)
     out = tmp_path / "run"
     with pytest.raises(FileNotFoundError, match="embedding 'nothere'"):
         run_task("sample", ["progress=false", "~logger", f"embeddings_dir={tmp_path}",

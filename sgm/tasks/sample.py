@@ -24,11 +24,12 @@ from ..diffusion._checks import check_finite, check_int
 from ..diffusion.schedule import img2img_start, split_index
 from ..inpaint.setup import check_checkpoint_channels, load_inpainting
 from ..networks.autoencoder import check_tiling_config
-from ..networks.compile import CompileSettings, apply_compile, compile_settings
+from ..networks.compile import CompileSettings, compile_settings
 from .a1111 import run_fields
-from .common import (apply_runtime_settings, build_engine, build_weak_engine, check_logger, check_size,
-                     check_weak_model, check_weights, instantiate_callbacks, make_logger, provenance, run_dir)
+from .common import (apply_runtime_settings, check_logger, check_size, check_weak_model, check_weights,
+                     instantiate_callbacks, make_logger, provenance, run_dir)
 from .console import CONSOLE, quiet_libraries, run_line
+from .engine_cache import check_reuse_engine, model_engine, refiner_engine, weak_engine
 from .extras import check_conventions, record_config
 from .from_image import rerun_config, select_images
 from .hires import check_hires
@@ -131,6 +132,7 @@ class SamplePlan:
     prompt_options: Any = None  # prompt_syntax, embeddings, clip_skip (sgm.conditioning.prompt_schedule)
     compile: CompileSettings = CompileSettings()  # the `compile` node, checked
     search: Any = None  # optimized_metric / constraints (sgm.tasks.search.SearchSpec), None when unset
+    reuse_engine: bool = False  # keep the built engines for the next job of this process (sgm.tasks.engine_cache)
 
 
 def validate(cfg: DictConfig) -> SamplePlan:
@@ -182,6 +184,7 @@ def validate(cfg: DictConfig) -> SamplePlan:
     discretization = instantiate(cfg.discretization)
     patches = instantiate(cfg.patches) if cfg.get("patches") else None  # FreeU: the base model only
     compiling = compile_settings(cfg.get("compile"))
+    reuse = check_reuse_engine(cfg.get("reuse_engine", "auto"))
     image_metrics = instantiate(cfg.metrics) if cfg.get("metrics") is not None else None  # last: they read weights
     return SamplePlan(
         jobs=jobs, H=H, W=W, seed=seed, steps=steps, batch_size=batch_size, strength=strength,
@@ -189,7 +192,8 @@ def validate(cfg: DictConfig) -> SamplePlan:
         sampler=sampler, discretization=discretization,
         lora_files=lora_files, lora_strengths=lora_strengths, init_image=init_image, patches=patches,
         image_metrics=image_metrics, out_dir=run_dir(), weak_model=weak_model, tags=tuple(tags), inpaint=inpaint,
-        hires=hires, prompt_options=prompt_options, compile=compiling, search=search_spec(cfg, image_metrics))
+        hires=hires, prompt_options=prompt_options, compile=compiling, search=search_spec(cfg, image_metrics),
+        reuse_engine=reuse)
 
 
 def check_prompt_syntax(cfg: DictConfig, jobs: list[PromptJob], steps: int) -> Any:
@@ -238,28 +242,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if refused is not None:
         return refused
     apply_runtime_settings(cfg)
-    engine = build_engine(cfg.model, cfg.get("weights"), seed=plan.seed)
+    engine = model_engine(cfg, plan)  # built (LoRA, patches, compile), or the multirun's loaded one (engine_cache)
     choose_threads(cfg.get("cpu_threads"), engine.model)
     engine.set_prompt_options(plan.prompt_options)
-    if plan.lora_files:
-        from ..lora import load_lora_files
-
-        load_lora_files(engine, plan.lora_files, plan.lora_strengths)
-    if plan.patches:
-        from ..networks.patches import apply_patches
-
-        log.info("network patches: %s", apply_patches(engine, plan.patches))
-    refiner = None
-    if cfg.get("refiner") is not None:
-        refiner = build_engine(cfg.refiner, cfg.get("refiner_weights"), seed=plan.seed, what="refiner")
-        refiner.set_prompt_options(plan.prompt_options)
-    if plan.compile.active:  # after LoRA merges and patches: fused weights are made of the final ones
-        for e in (engine, refiner) if refiner is not None else (engine,):
-            log.info("compile: %s", apply_compile(e, plan.compile))
-    if plan.weak_model:  # seeded apart from the main model, so a random weak UNet of its shape is another one
-        weak = build_weak_engine(cfg.weak_model, cfg.get("weak_weights"), engine, seed=plan.seed + 1)
+    refiner = refiner_engine(cfg, plan)
+    weak = weak_engine(cfg, plan, engine)
+    if weak is not None:
         plan.sampler.guider.set_weak(weak)
-        log.info("autoguidance: weak UNet with %d parameters", sum(p.numel() for p in weak.model.parameters()))
     engine.configure_prediction(plan.H, plan.W, engine.schedule(plan.discretization, plan.steps), plan.sampler,
                                 strength=plan.strength, img2img_schedule=plan.img2img_schedule,
                                 refiner=refiner, refiner_switch=plan.refiner_switch,
