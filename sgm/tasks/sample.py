@@ -25,6 +25,7 @@ from ..diffusion.schedule import img2img_start, split_index
 from ..inpaint.setup import check_checkpoint_channels, load_inpainting
 from ..networks.autoencoder import check_tiling_config
 from ..networks.compile import CompileSettings, apply_compile, compile_settings
+from ..networks.onednn import check_cpu_onednn, set_cpu_onednn
 from .a1111 import run_fields
 from .common import (apply_runtime_settings, build_engine, build_weak_engine, check_logger, check_size,
                      check_weak_model, check_weights, instantiate_callbacks, make_logger, provenance, run_dir)
@@ -182,6 +183,7 @@ def validate(cfg: DictConfig) -> SamplePlan:
     discretization = instantiate(cfg.discretization)
     patches = instantiate(cfg.patches) if cfg.get("patches") else None  # FreeU: the base model only
     compiling = compile_settings(cfg.get("compile"))
+    check_cpu_onednn(cfg.get("cpu_onednn"))  # run() sets it on the engines
     image_metrics = instantiate(cfg.metrics) if cfg.get("metrics") is not None else None  # last: they read weights
     return SamplePlan(
         jobs=jobs, H=H, W=W, seed=seed, steps=steps, batch_size=batch_size, strength=strength,
@@ -240,6 +242,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     apply_runtime_settings(cfg)
     engine = build_engine(cfg.model, cfg.get("weights"), seed=plan.seed)
     choose_threads(cfg.get("cpu_threads"), engine.model)
+    set_cpu_onednn(cfg.get("cpu_onednn"), engine)
     engine.set_prompt_options(plan.prompt_options)
     if plan.lora_files:
         from ..lora import load_lora_files
@@ -253,6 +256,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("refiner") is not None:
         refiner = build_engine(cfg.refiner, cfg.get("refiner_weights"), seed=plan.seed, what="refiner")
         refiner.set_prompt_options(plan.prompt_options)
+        set_cpu_onednn(cfg.get("cpu_onednn"), refiner)
     if plan.compile.active:  # after LoRA merges and patches: fused weights are made of the final ones
         for e in (engine, refiner) if refiner is not None else (engine,):
             log.info("compile: %s", apply_compile(e, plan.compile))
