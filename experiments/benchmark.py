@@ -180,12 +180,13 @@ def command_line(args: argparse.Namespace, section: str) -> str:
 # ----------------------------------------------------------------------------------------
 def build(overrides: Sequence[str], seed: int = 0, device: Any = None) -> tuple[Any, Any]:
     """``conf/sample.yaml`` with ``overrides`` and its engine, as run.py builds it: the runtime settings
-    (attention backend, threads), then ``build_engine(cfg.model, cfg.weights)``.
+    (attention backend, threads), then ``build_engine(cfg.model, cfg.weights)`` and its ``cpu_onednn``.
 
     With ``device``, random weights are created there directly (no CPU copy of an SDXL-size model).
     """
     import torch
 
+    from sgm.networks.onednn import set_cpu_onednn
     from sgm.tasks.common import apply_runtime_settings, build_engine, compose
 
     cfg = compose("sample", overrides)
@@ -194,6 +195,7 @@ def build(overrides: Sequence[str], seed: int = 0, device: Any = None) -> tuple[
         engine = build_engine(cfg.model, cfg.weights, seed=seed)
     if device is not None:
         engine.to(device)  # the denoiser's level table and Lightning's device record
+    set_cpu_onednn(cfg.get("cpu_onednn"), engine)
     return cfg, engine
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from .config import build_part, instantiate, resolve_target
 from .diffusion.noise import gaussian, seeded_generators
 from .diffusion.schedule import img2img_start, initial_latent, sampling_sigmas, split_index
+from .networks.onednn import onednn_context, resolve_onednn
 from .networks.sizes import check_pixel_size
 from .networks.wrapper import OpenAIWrapper, module_dtype
 
@@ -134,6 +135,7 @@ class DiffusionEngine(L.LightningModule):
         self._inpaint: Any = None  # sgm.inpaint.Inpainting
         self._hires: Any = None  # sgm.tasks.hires.HiresFix
         self.prompt_options: Any = None  # sgm.conditioning.prompt_schedule.PromptOptions (run.py's prompt_syntax)
+        self.cpu_onednn: Any = None  # oneDNN CPU convolutions while sampling: auto/True/False (sgm.networks.onednn)
 
     def set_prompt_options(self, options: Any) -> None:
         """How prompts are read (``prompt_syntax``, embeddings, ``clip_skip``; a ``PromptOptions``)."""
@@ -317,8 +319,13 @@ class DiffusionEngine(L.LightningModule):
         x = initial_latent(noise, sigmas[0], init_latent)
         generators = seeded_generators(seeds, 1 + noise_seed_offset)
         denoise = self.denoise if blend is None else blend.with_noise(noise).wrap(self.denoise)
-        z = sampler.sample(denoise, x, sigmas, cond, uc, generator=generators, callback=callback)
+        with onednn_context(self.onednn_for(x)):
+            z = sampler.sample(denoise, x, sigmas, cond, uc, generator=generators, callback=callback)
         return z if blend is None else blend.finish(z)
+
+    def onednn_for(self, x: torch.Tensor) -> bool | None:
+        """oneDNN on/off for sampling latents ``x`` under :attr:`cpu_onednn` (None: torch's setting stays)."""
+        return resolve_onednn(self.cpu_onednn, x, module_dtype(self.model.diffusion_model))
 
     def _conditionings_for(self, batch: dict) -> tuple[dict, dict]:
         opts = self.predict_options
@@ -360,8 +367,10 @@ class DiffusionEngine(L.LightningModule):
         z = self.sample_latents(cond, uc, batch["seed"], shape, sigmas[start : end + 1], init_latent=init, blend=blend)
         for refiner in self._refiner:
             rc, ruc = refiner._conditionings_for(batch)
-            z = refiner.sampler.sample(refiner.denoise if blend is None else blend.wrap(refiner.denoise), z,
-                                       sigmas[end:].to(self.device), rc, ruc, generator=seeded_generators(batch["seed"], 2))
+            with onednn_context(refiner.onednn_for(z)):
+                z = refiner.sampler.sample(refiner.denoise if blend is None else blend.wrap(refiner.denoise), z,
+                                           sigmas[end:].to(self.device), rc, ruc,
+                                           generator=seeded_generators(batch["seed"], 2))
             z = z if blend is None else blend.finish(z)
         if self._hires is not None:
             z = self._hires(self, batch, z)

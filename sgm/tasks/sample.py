@@ -25,6 +25,7 @@ from ..diffusion.schedule import img2img_start, split_index
 from ..inpaint.setup import check_checkpoint_channels, load_inpainting
 from ..networks.autoencoder import check_tiling_config
 from ..networks.compile import CompileSettings, compile_settings
+from ..networks.onednn import check_cpu_onednn, set_cpu_onednn
 from .a1111 import run_fields
 from .common import (apply_runtime_settings, check_logger, check_size, check_weak_model, check_weights,
                      instantiate_callbacks, make_logger, provenance, run_dir)
@@ -185,6 +186,7 @@ def validate(cfg: DictConfig) -> SamplePlan:
     patches = instantiate(cfg.patches) if cfg.get("patches") else None  # FreeU: the base model only
     compiling = compile_settings(cfg.get("compile"))
     reuse = check_reuse_engine(cfg.get("reuse_engine", "auto"))
+    check_cpu_onednn(cfg.get("cpu_onednn"))  # run() sets it on the engines
     image_metrics = instantiate(cfg.metrics) if cfg.get("metrics") is not None else None  # last: they read weights
     return SamplePlan(
         jobs=jobs, H=H, W=W, seed=seed, steps=steps, batch_size=batch_size, strength=strength,
@@ -244,8 +246,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     apply_runtime_settings(cfg)
     engine = model_engine(cfg, plan)  # built (LoRA, patches, compile), or the multirun's loaded one (engine_cache)
     choose_threads(cfg.get("cpu_threads"), engine.model)
+    set_cpu_onednn(cfg.get("cpu_onednn"), engine)
     engine.set_prompt_options(plan.prompt_options)
     refiner = refiner_engine(cfg, plan)
+    if refiner is not None:
+        set_cpu_onednn(cfg.get("cpu_onednn"), refiner)
     weak = weak_engine(cfg, plan, engine)
     if weak is not None:
         plan.sampler.guider.set_weak(weak)

@@ -1,0 +1,83 @@
+"""CPU convolutions with or without oneDNN, chosen per latent size (``cpu_onednn``, beside the thread policy).
+
+PyTorch runs CPU convolutions through oneDNN (``torch.backends.mkldnn``) by default. For a small
+UNet on a small latent each oneDNN convolution is short and its fixed cost (primitive lookup,
+layout reorders) dominates; ATen's own kernels (im2col + BLAS) are faster there: the tiny UNet's
+CFG call took x0.82 the time without oneDNN (docs/benchmarks.md, against diffusers on the CPU),
+and the per-size measurements behind :data:`SMALL_LATENT_POSITIONS` are in docs/benchmarks.md
+(oneDNN convolutions per model size). The switch is global in torch, so it is applied only around sampling
+(:func:`onednn_context` of :func:`resolve_onednn`, entered by
+:meth:`sgm.engine.DiffusionEngine.sample_latents`), never
+left set for other code. Both paths compute the same convolution; results agree within float
+rounding (tests/test_cpu_policy.py).
+
+The measured rule depends on the latent's size, not the UNet's width: at a 4x4 latent oneDNN took
+x1.1-1.3 the time of ATen's kernels (shipped digit model, tiny), at 8x8 about x1.05, at 16x16 it was
+faster for every UNet measured (1M-74M parameters), and SDXL's 128x128 latents keep it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, Iterator, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: ``cpu_onednn: auto`` turns oneDNN off for float32 latents of at most this many positions (h x w): 8x8
+#: (64x64 pixels with an 8x VAE), where it measured slower whatever the UNet's width (docs/benchmarks.md,
+#: section "oneDNN convolutions per model size")
+SMALL_LATENT_POSITIONS = 64
+
+
+def check_cpu_onednn(value: Any) -> str | bool:
+    """``cpu_onednn`` as ``"auto"``, True or False (validate step: no weight is read)."""
+    if value is None or (isinstance(value, str) and value.lower() == "auto"):
+        return "auto"
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"cpu_onednn must be auto, true or false, got {value!r}: auto turns oneDNN convolutions off "
+                     f"on the CPU for float32 latents of at most {SMALL_LATENT_POSITIONS} positions (8x8)")
+
+
+def auto_onednn(latent_shape: Sequence[int], dtype: torch.dtype) -> bool:
+    """``cpu_onednn: auto`` for latents of ``latent_shape`` ([B, C, h, w]) in ``dtype``: off (False) for
+    float32 with h x w <= :data:`SMALL_LATENT_POSITIONS`, else on. Other dtypes keep oneDNN: ATen's
+    bfloat16/float16 CPU convolutions have no fast path without it."""
+    positions = math.prod(latent_shape[2:])
+    return not (dtype == torch.float32 and positions <= SMALL_LATENT_POSITIONS)
+
+
+def resolve_onednn(setting: Any, latent: torch.Tensor, dtype: torch.dtype) -> bool | None:
+    """Whether sampling ``latent`` with a UNet in ``dtype`` runs its convolutions through oneDNN:
+    ``setting`` when True/False, :func:`auto_onednn` for ``"auto"``; None (leave torch as it is) for
+    ``setting`` None or a latent off the CPU (the switch only concerns CPU kernels)."""
+    if setting is None or latent.device.type != "cpu":
+        return None
+    setting = check_cpu_onednn(setting)
+    enabled = auto_onednn(latent.shape, dtype) if setting == "auto" else bool(setting)
+    log.debug("CPU convolutions %s oneDNN (cpu_onednn=%s, latent %s, %s)", "with" if enabled else "without",
+              setting, tuple(latent.shape), dtype)
+    return enabled
+
+
+def set_cpu_onednn(setting: Any, engine: Any) -> str | bool:
+    """run.py's ``cpu_onednn`` on ``engine`` (its sampling resolves it per latent size); returns it."""
+    engine.cpu_onednn = check_cpu_onednn(setting)
+    return engine.cpu_onednn
+
+
+@contextlib.contextmanager
+def onednn_context(enabled: bool | None) -> Iterator[None]:
+    """oneDNN on or off inside the block, restored after it (its other flags untouched); None changes nothing."""
+    if enabled is None or enabled == torch.backends.mkldnn.enabled:
+        yield
+        return
+    before = torch.backends.mkldnn.set_flags(bool(enabled), None, None, None)
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.set_flags(*before)
