@@ -11,9 +11,10 @@ and the per-size measurements behind :data:`SMALL_LATENT_POSITIONS` are in docs/
 left set for other code. Both paths compute the same convolution; results agree within float
 rounding (tests/test_cpu_policy.py).
 
-The measured rule depends on the latent's size, not the UNet's width: at a 4x4 latent oneDNN took
-x1.1-1.3 the time of ATen's kernels (shipped digit model, tiny), at 8x8 about x1.05, at 16x16 it was
-faster for every UNet measured (1M-74M parameters), and SDXL's 128x128 latents keep it.
+The measured rule depends on the latent's size more than on the UNet's width (quiet machine, one
+thread, docs/benchmarks.md): at 8x8 latents (32x32 pixels through a 4x VAE: the shipped digit model,
+tiny) the CFG call took x0.81-0.84 the time without oneDNN; from 16x16 on it was x0.99-1.09 for the
+1M and 33M UNets and x0.92-1.09 for a 74M one, so oneDNN stays on there, and at SDXL's 128x128.
 """
 
 from __future__ import annotations
