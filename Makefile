@@ -8,6 +8,9 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 KDIFF  ?= k-diffusion==0.1.1.post1
 # test processes (pytest-xdist; whole files per process, so module fixtures are built once): 0 = serial
 JOBS   ?= 2
+# with processes: files are handed out in collection order (the longest first, tests/conftest.py's
+# LONG_FILES_FIRST), not xdist's default order by number of tests per file
+XDIST  := $(if $(filter 0,$(JOBS)),-n 0,-n $(JOBS) --dist loadfile --no-loadscope-reorder)
 
 .PHONY: install install-test run test clean
 
@@ -30,7 +33,7 @@ run: install
 	$(PY) run.py $(ARGS)
 
 test: install-test
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV)

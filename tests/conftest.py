@@ -179,8 +179,10 @@ def run_script(script: str, args: Sequence[str]) -> int:
         with preserved_globals(), _preserved_logging():
             try:
                 runpy.run_path(str(ROOT / script), run_name="__main__")
-            except SystemExit as exc:
+            except SystemExit as exc:  # as the interpreter ends: a non-int code is printed, exit status 1
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if exc.code is not None and not isinstance(exc.code, int):
+                    print(exc.code, file=sys.stderr)
     finally:
         sys.argv = argv
         GlobalHydra.instance().clear()
@@ -271,12 +273,16 @@ def ksampling():
     return ks
 
 
-# The longest test files (measured: `pytest -n 2 --dist loadfile --junitxml=F`, seconds per file on
-# 2 cores, quiet machine: compile ~60, train 72, config 63, shipped_model ~45, conventions ~45) are
-# collected first, so that `make test`'s processes start on them and end on short files instead of
-# one process finishing a long file alone. Collection order only: every test still runs.
-LONG_FILES_FIRST = ("test_compile.py", "test_train.py", "test_config.py", "test_shipped_model.py", "test_conventions.py",
-                    "test_run.py", "test_optuna_search.py", "test_eval_task.py", "test_toolbox.py", "test_cold_start.py")
+# The longest test files first (seconds per file in `make test`, 2 cores, quiet machine, torch's inductor
+# cache empty as on a fresh machine: compile ~105, train ~48, config ~41, shipped_model ~31, run ~27,
+# conventions ~28, toolbox ~25, engine_cache ~21, then 10-18 s each), so that `make test`'s processes
+# start on them and end on short files instead of one process finishing a long file alone (the
+# Makefile keeps this order with xdist's --no-loadscope-reorder). Collection order only: every test runs.
+LONG_FILES_FIRST = ("test_compile.py", "test_train.py", "test_config.py", "test_shipped_model.py", "test_run.py",
+                    "test_conventions.py", "test_toolbox.py", "test_engine_cache.py", "test_eval_task.py",
+                    "test_train_reliability.py", "test_schedules.py", "test_leaderboard.py", "test_cold_start.py",
+                    "test_eval_metrics.py", "test_console.py", "test_guiders_apg_zero_sag.py", "test_optuna_search.py",
+                    "test_autoguidance.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

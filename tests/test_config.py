@@ -243,11 +243,19 @@ def test_unknown_sgm_target_is_named():
 
 
 @pytest.mark.slow
-def test_parallel_launcher_runs_a_summarized_sweep(tmp_path):
-    res = _run("-m", "hydra/launcher=parallel", "guider.scale=0,3", "steps=3", "progress=false", "cpu_threads=1",
-               "~logger", f"hydra.sweep.dir={tmp_path}/sweep", timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "Joblib.Parallel" in res.stdout + res.stderr
+def test_parallel_launcher_runs_a_summarized_sweep(tmp_path, capfd):
+    """``python run.py -m hydra/launcher=parallel ...``: the script's own ``__main__`` in this process
+    (conftest.run_script); the joblib launcher runs the jobs in its own worker processes."""
+    from joblib.externals.loky import get_reusable_executor
+
+    try:
+        code = run_script("run.py", ["-m", "hydra/launcher=parallel", "guider.scale=0,3", "steps=3", "progress=false",
+                                     "cpu_threads=1", "~logger", f"hydra.sweep.dir={tmp_path}/sweep"])
+    finally:
+        get_reusable_executor().shutdown(wait=True)  # the launcher's idle workers, not left to their timeout
+    shown = capfd.readouterr()
+    assert code == 0, shown.err[-3000:]
+    assert "Joblib.Parallel" in shown.out + shown.err
     assert len((tmp_path / "sweep" / "summary.csv").read_text().splitlines()) == 3
 
 

@@ -13,6 +13,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf, read_write
 
+from conftest import run_script
 from sgm.tasks import extras
 from sgm.tasks.common import CONF_DIR, logger_nodes, make_logger
 from test_catalogue import no_weights  # noqa: F401 - the fixture: no weight file may be read
@@ -305,12 +306,12 @@ def test_a_continued_run_appends_its_tree_and_other_ranks_write_none(hydra_runti
 
 @pytest.mark.slow
 def test_cli_debug_fdr_logs_sgm_debug_records_and_one_tree(images, tmp_path):
-    from test_train import train_py
-
+    """``python train.py debug=fdr ...``: the script's own ``__main__`` in this process (conftest.run_script), so
+    Hydra's job logging is configured from the debug config as on the command line."""
     out = tmp_path / "run"
-    res = train_py("model=tiny", "debug=fdr", f"data.root={images}", "data.val_fraction=0.25", "validation.steps=2",
-                   f"hydra.run.dir={out}")
-    assert res.returncode == 0, res.stderr[-3000:]
+    code = run_script("train.py", ["progress=false", "cpu_threads=1", "model=tiny", "debug=fdr", f"data.root={images}",
+                                   "data.val_fraction=0.25", "validation.steps=2", f"hydra.run.dir={out}"])
+    assert code == 0
     log = (out / "train.log").read_text()
     assert "[sgm.tasks.extras][DEBUG] - debug=fdr" in log
     assert log.count("config (also in") == 1 and not (out / "lora.safetensors").exists()

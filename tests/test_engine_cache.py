@@ -11,8 +11,6 @@ from __future__ import annotations
 import gc
 import os
 import shutil
-import subprocess
-import sys
 import weakref
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from omegaconf import open_dict, read_write
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import ROOT, hydra_job_config, preserved_globals
+from conftest import ROOT, hydra_job_config, preserved_globals, run_script
 from sgm.tasks import common, engine_cache
 
 QUIET = ["~logger", "progress=false", "~metrics", "steps=2", "prompts=[three]"]
@@ -82,6 +80,7 @@ def test_auto_reuses_in_a_multirun_only(tmp_path):
         assert engine_cache.check_reuse_engine(False) is False
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_other_scale_and_sampler_reuse_the_model_and_sample_what_a_fresh_one_does(run_task, tmp_path):
     """The first run sets every per-run state there is (img2img, hires, CFG 1); the second, another
     sampler and scale, must sample on the same engine exactly what a fresh engine samples."""
@@ -107,6 +106,7 @@ def _random_lora(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_lora_and_patch_build_anew_and_a_later_plain_run_is_not_polluted(run_task, tmp_path):
     plain, e0, _ = sample(run_task, tmp_path / "plain", "reuse_engine=true")
     ref = weakref.ref(e0)
@@ -136,6 +136,7 @@ def test_random_weights_of_another_seed_build_anew(run_task, tmp_path):
     assert any(not torch.equal(v, seed1[k]) for k, v in e2.state_dict().items())  # seed 2's weights
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_another_or_a_rewritten_checkpoint_builds_anew(run_task, tmp_path):
     ckpt = tmp_path / "digits_copy.safetensors"
     shutil.copyfile(ROOT / "sgm" / "assets" / "digits.safetensors", ckpt)
@@ -151,6 +152,7 @@ def test_another_or_a_rewritten_checkpoint_builds_anew(run_task, tmp_path):
     assert torch.equal(shipped, copy) and torch.equal(copy, same)  # the same tensors, however loaded
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_weak_model_is_reused_with_the_model_and_dropped_without_it(run_task, tmp_path):
     images, e0, _ = sample(run_task, tmp_path / "a", "reuse_engine=true", "guider=autoguidance")
     weak = engine_cache.loaded("weak")
@@ -163,13 +165,13 @@ def test_weak_model_is_reused_with_the_model_and_dropped_without_it(run_task, tm
 
 
 @pytest.mark.slow
-def test_a_real_multirun_reuses_the_model_for_job_1(tmp_path):
-    env = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-           "HOME": str(Path.home())}
-    res = subprocess.run([sys.executable, "run.py", "-m", "guider.scale=1,5", *QUIET, "cpu_threads=1",
-                          f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_a_real_multirun_reuses_the_model_for_job_1(tmp_path, capfd):
+    """``python run.py -m guider.scale=1,5``: the script's own ``__main__`` in this process (conftest.run_script),
+    Hydra's sweeper and basic launcher running both jobs in it, as they do in ``python run.py -m``."""
+    code = run_script("run.py", ["-m", "guider.scale=1,5", *QUIET, "cpu_threads=1", f"hydra.sweep.dir={tmp_path}"])
+    shown = capfd.readouterr()
+    assert code == 0, shown.err[-3000:]
     job0, job1 = ((tmp_path / str(n) / "run.log").read_text() for n in (0, 1))
     assert "model built in" in job0 and "reusing" not in job0
     assert "reusing the loaded model (job 1)" in job1 and "model built in" not in job1
-    assert "reusing the loaded model (job 1)" in res.stdout + res.stderr  # on the console too
+    assert "reusing the loaded model (job 1)" in shown.out + shown.err  # on the console too

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from conftest import run_script
 from sgm.tasks.writer import to_uint8
 
 from test_eval_metrics import tiny_clip  # noqa: F401 - the tiny open_clip model fixture
@@ -172,7 +173,7 @@ def test_bad_input_is_named_before_any_metric_is_built(run_task, digits, tmp_pat
 
 
 @pytest.mark.slow  # the real script in a process
-def test_eval_py_runs_as_a_script(digits, tmp_path):
+def test_eval_py_runs_as_a_script(digits, tmp_path, capfd):
     src = write_digits(tmp_path / "imgs", *digits)
     env = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
            "HOME": str(Path.home())}
@@ -181,6 +182,6 @@ def test_eval_py_runs_as_a_script(digits, tmp_path):
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["accuracy"] >= 0.9
     assert (tmp_path / "e" / "eval.log").is_file()
-    again = subprocess.run([sys.executable, "eval.py", f"images={src}", "~logger", f"hydra.run.dir={tmp_path / 'e'}"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert again.returncode != 0 and "already holds a run" in again.stderr
+    # the same command again, in this process (conftest.run_script: the script's own __main__): refused
+    again = run_script("eval.py", [f"images={src}", "~logger", f"hydra.run.dir={tmp_path / 'e'}"])
+    assert again == 1 and "already holds a run" in capfd.readouterr().err
