@@ -245,6 +245,8 @@ def _timed(fn: Callable[[], Any], sync: Callable[[], None] = lambda: None) -> fl
 @contextlib.contextmanager
 def swapped_network(engine, stub):
     real = engine.model
+    if not hasattr(stub, "diffusion_model"):
+        stub.diffusion_model = real.diffusion_model  # what the engine asks of its network (the dtype, cpu_onednn)
     engine._modules["model"] = stub  # nn.Module.__setattr__ would refuse a non-Module
     try:
         yield
@@ -322,6 +324,8 @@ def section_overhead(args: argparse.Namespace) -> tuple[str, dict]:
     import torch
     from hydra.utils import instantiate
 
+    from sgm.networks.onednn import onednn_context
+
     torch.set_num_threads(THREADS)
     snap = cpu_snapshot()
     steps, repeats = args.steps, args.repeats
@@ -345,9 +349,12 @@ def section_overhead(args: argparse.Namespace) -> tuple[str, dict]:
             calls = _capture_inputs(engine, sample)
             assert len(calls) == steps, (len(calls), steps)
 
+            onednn = engine.onednn_for(calls[0][0][:batch])  # the replay runs under sampling's oneDNN choice
+
             def bare():
-                for x_in, t, c in calls:
-                    engine.model(x_in, t, c)
+                with onednn_context(onednn):
+                    for x_in, t, c in calls:
+                        engine.model(x_in, t, c)
 
             sample(), bare()  # warm-up
             ts, tb, ti, tu = [], [], [], []
@@ -430,7 +437,8 @@ def section_overhead(args: argparse.Namespace) -> tuple[str, dict]:
           f"schedule `sigmas = engine.schedule(discretization, {steps})` (EDM over the model's sigma range) "
           f"under `torch.inference_mode()`, divided by {steps}. **bare**: the {steps} "
           f"`engine.model(x_in, t, c)` calls (the OpenAIWrapper around the UNet) that this run made, replayed "
-          f"with the same batched inputs (CFG doubles the batch: *UNet batch*), under `torch.inference_mode()`. "
+          f"with the same batched inputs (CFG doubles the batch: *UNet batch*), under `torch.inference_mode()` and "
+          f"the oneDNN setting sampling chose (`cpu_onednn: auto`: off for batch 1 at 32x32). "
           f"Median of {repeats} runs each, sampling and bare runs interleaved, after one warm-up. "
           f"**overhead** = (sampling - bare) / bare; *paired* is the median of the per-repeat ratios; "
           f"*bare spread* = (max - min) / median of the bare runs, the run-to-run noise of one measurement "

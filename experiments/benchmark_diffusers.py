@@ -347,8 +347,9 @@ def _mkldnn(engine: Any, args: argparse.Namespace) -> tuple[str, dict]:
           f"batch 2, 8x8 latent, 20 calls): {MED(t_off) / 20 * 1e3:.2f} ms per call against {MED(t_on) / 20 * 1e3:.2f} "
           f"ms with oneDNN (x{r:.2f} the time, median of paired ratios): "
           + ("slower here." if r >= 1 else "faster here.") + " `cpu_onednn: auto` (run.py's default, "
-          "`sgm/networks/onednn.py`) samples latents up to 8x8 without oneDNN, so *ours* above ran without it "
-          "(see the section oneDNN convolutions per model size).")
+          "`sgm/networks/onednn.py`) samples batches of at most two 8x8 latents without oneDNN and larger ones with "
+          "it, so *ours* above ran without it at batch 1 and with it at batch 4 (see the section oneDNN convolutions "
+          "per model size).")
     return md, {"with_s": t_on, "without_s": t_off, "ratio": r}
 
 

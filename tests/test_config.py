@@ -73,6 +73,7 @@ def test_groups_have_the_promised_files():
     assert _options("denoiser")
 
 
+@pytest.mark.slow  # 3-11 s per group; in the quick loop test_toolbox composes, builds and samples every option
 @pytest.mark.parametrize("group", ["discretization", "guider", "sampler"])
 def test_every_sampling_option_composes_and_instantiates(compose, group):
     for name in _options(group):
@@ -83,7 +84,8 @@ def test_every_sampling_option_composes_and_instantiates(compose, group):
             assert obj.discretization is None and obj.num_steps is None
 
 
-@pytest.mark.parametrize("group", ["denoiser", "sigma_sampler", "loss_weighting", "loss"])
+@pytest.mark.parametrize("group", [pytest.param("denoiser", marks=pytest.mark.slow), "sigma_sampler",
+                                   pytest.param("loss_weighting", marks=pytest.mark.slow), "loss"])  # slow: 2 s or more
 def test_every_training_option_composes_and_instantiates(compose, group):
     for name in _options(group):
         cfg = compose("sample", [f"+{group}={name}"])

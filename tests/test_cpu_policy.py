@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from sgm.networks.onednn import (SMALL_LATENT_POSITIONS, auto_onednn, check_cpu_onednn, onednn_context,
+from sgm.networks.onednn import (SMALL_BATCH_POSITIONS, auto_onednn, check_cpu_onednn, onednn_context,
                                  resolve_onednn)
 
 
@@ -37,12 +37,15 @@ def test_check_names_the_parameter(value):
 
 
 def test_auto_rule():
-    side = int(SMALL_LATENT_POSITIONS**0.5)
-    assert auto_onednn((2, 4, 4, 4), torch.float32) is False  # tiny / digits at 32x32 pixels
-    assert auto_onednn((2, 4, side, side), torch.float32) is False
-    assert auto_onednn((2, 4, side, side + 1), torch.float32) is True
+    per_image = 8 * 8  # the shipped model / tiny at 32x32 pixels
+    assert SMALL_BATCH_POSITIONS == 2 * per_image
+    assert auto_onednn((1, 4, 8, 8), torch.float32) is False  # one or two images: ATen's kernels
+    assert auto_onednn((2, 4, 8, 8), torch.float32) is False
+    assert auto_onednn((3, 4, 8, 8), torch.float32) is True  # from three images (CFG batch 6): oneDNN
+    assert auto_onednn((8, 4, 8, 8), torch.float32) is True  # run.py's default batch_size
+    assert auto_onednn((1, 4, 16, 16), torch.float32) is True  # one 64x64 image
     assert auto_onednn((1, 4, 128, 128), torch.float32) is True  # SDXL at 1024x1024
-    assert auto_onednn((2, 4, 4, 4), torch.bfloat16) is True
+    assert auto_onednn((2, 4, 8, 8), torch.bfloat16) is True
 
 
 def test_resolve():
@@ -100,12 +103,15 @@ def test_sampling_with_and_without_onednn_agree(tiny):
 
 
 def test_run_applies_the_policy(run_task, tmp_path, caplog):
-    """run.py's default (``cpu_onednn: auto``) samples the shipped model's 4x4 latents without oneDNN;
-    ``cpu_onednn=true`` keeps it; a bad value fails in the validate step, before the run folder has images."""
+    """run.py's default (``cpu_onednn: auto``) samples one of the shipped model's 8x8 latents without oneDNN
+    and a batch of four with it; ``cpu_onednn=true`` keeps it; a bad value fails in the validate step, before the run folder has images."""
     quiet = ["progress=false", "~logger", "~metrics", "steps=2", "prompts=[three]"]
     with caplog.at_level(logging.DEBUG, logger="sgm.networks.onednn"):
         run_task("sample", quiet, tmp_path / "auto")
         assert "CPU convolutions without oneDNN (cpu_onednn=auto" in caplog.text
+        caplog.clear()
+        run_task("sample", [*quiet, "num_images_per_prompt=4"], tmp_path / "batch")
+        assert "CPU convolutions with oneDNN (cpu_onednn=auto, latent (4, 4, 8, 8)" in caplog.text
         caplog.clear()
         run_task("sample", [*quiet, "cpu_onednn=true"], tmp_path / "on")
         assert "CPU convolutions with oneDNN (cpu_onednn=True" in caplog.text

@@ -126,6 +126,7 @@ def test_lora_and_patch_build_anew_and_a_later_plain_run_is_not_polluted(run_tas
     assert e4 is not e3 and not e4.model.patches and torch.equal(after, plain)
 
 
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
 def test_random_weights_of_another_seed_build_anew(run_task, tmp_path):
     _, e0, _ = sample(run_task, tmp_path / "a", "model=tiny", "reuse_engine=true", "seed=1")
     seed1 = {k: v.clone() for k, v in e0.state_dict().items()}

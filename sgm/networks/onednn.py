@@ -1,20 +1,20 @@
-"""CPU convolutions with or without oneDNN, chosen per latent size (``cpu_onednn``, beside the thread policy).
+"""CPU convolutions with or without oneDNN, chosen per batch of latents (``cpu_onednn``, beside the thread policy).
 
 PyTorch runs CPU convolutions through oneDNN (``torch.backends.mkldnn``) by default. For a small
-UNet on a small latent each oneDNN convolution is short and its fixed cost (primitive lookup,
-layout reorders) dominates; ATen's own kernels (im2col + BLAS) are faster there: the tiny UNet's
-CFG call took x0.82 the time without oneDNN (docs/benchmarks.md, against diffusers on the CPU),
-and the per-size measurements behind :data:`SMALL_LATENT_POSITIONS` are in docs/benchmarks.md
-(oneDNN convolutions per model size). The switch is global in torch, so it is applied only around sampling
-(:func:`onednn_context` of :func:`resolve_onednn`, entered by
-:meth:`sgm.engine.DiffusionEngine.sample_latents`), never
-left set for other code. Both paths compute the same convolution; results agree within float
-rounding (tests/test_cpu_policy.py).
+UNet on a small batch of small latents each oneDNN convolution is short and its fixed cost
+(primitive lookup, layout reorders) dominates; ATen's own kernels (im2col + BLAS) are faster there.
+The switch is global in torch, so it is applied only around sampling (:func:`onednn_context` of
+:func:`resolve_onednn`, entered by :meth:`sgm.engine.DiffusionEngine.sample_latents`), never left
+set for other code. Both paths compute the same convolution; results agree within float rounding
+(tests/test_cpu_policy.py).
 
-The measured rule depends on the latent's size more than on the UNet's width (quiet machine, one
-thread, docs/benchmarks.md): at 8x8 latents (32x32 pixels through a 4x VAE: the shipped digit model,
-tiny) the CFG call took x0.81-0.84 the time without oneDNN; from 16x16 on it was x0.99-1.09 for the
-1M and 33M UNets and x0.92-1.09 for a 74M one, so oneDNN stays on there, and at SDXL's 128x128.
+The measured rule is the work of a network call, the batch times the latent's positions, more than
+the UNet's width (quiet machine, one thread, docs/benchmarks.md, "oneDNN convolutions per model
+size"): for one image at 8x8 (32x32 pixels through a 4x VAE: the shipped digit model, tiny; a CFG
+call of batch 2) the call took x0.80-0.84 the time without oneDNN and for two x0.97-0.99, but from
+four images on (batch 8 with CFG) ATen's kernels were the slower ones, x1.14-1.17 at four and
+x1.65-1.80 at eight images (run.py's batch_size); a single 16x16 latent was about even (x0.97) and
+larger work up to x1.13 slower without oneDNN, so oneDNN stays on there, and at SDXL's 128x128.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-#: ``cpu_onednn: auto`` turns oneDNN off for float32 latents of at most this many positions (h x w): 8x8
-#: (64x64 pixels with an 8x VAE), where it measured slower whatever the UNet's width (docs/benchmarks.md,
-#: section "oneDNN convolutions per model size")
-SMALL_LATENT_POSITIONS = 64
+#: ``cpu_onednn: auto`` turns oneDNN off for float32 latents of at most this many positions in the whole
+#: image batch (B x h x w): two 8x8 latents (two 32x32 images of the shipped model), where it measured slower
+#: whatever the UNet's width (docs/benchmarks.md, section "oneDNN convolutions per model size")
+SMALL_BATCH_POSITIONS = 128
 
 
 def check_cpu_onednn(value: Any) -> str | bool:
@@ -41,15 +41,16 @@ def check_cpu_onednn(value: Any) -> str | bool:
     if isinstance(value, bool):
         return value
     raise ValueError(f"cpu_onednn must be auto, true or false, got {value!r}: auto turns oneDNN convolutions off "
-                     f"on the CPU for float32 latents of at most {SMALL_LATENT_POSITIONS} positions (8x8)")
+                     f"on the CPU for float32 latents of at most {SMALL_BATCH_POSITIONS} positions per batch "
+                     "(two 8x8 latents)")
 
 
 def auto_onednn(latent_shape: Sequence[int], dtype: torch.dtype) -> bool:
-    """``cpu_onednn: auto`` for latents of ``latent_shape`` ([B, C, h, w]) in ``dtype``: off (False) for
-    float32 with h x w <= :data:`SMALL_LATENT_POSITIONS`, else on. Other dtypes keep oneDNN: ATen's
-    bfloat16/float16 CPU convolutions have no fast path without it."""
-    positions = math.prod(latent_shape[2:])
-    return not (dtype == torch.float32 and positions <= SMALL_LATENT_POSITIONS)
+    """``cpu_onednn: auto`` for a batch of image latents of ``latent_shape`` ([B, C, h, w]) in ``dtype``:
+    off (False) for float32 with B x h x w <= :data:`SMALL_BATCH_POSITIONS`, else on. Other dtypes keep
+    oneDNN: ATen's bfloat16/float16 CPU convolutions have no fast path without it."""
+    positions = latent_shape[0] * math.prod(latent_shape[2:])
+    return not (dtype == torch.float32 and positions <= SMALL_BATCH_POSITIONS)
 
 
 def resolve_onednn(setting: Any, latent: torch.Tensor, dtype: torch.dtype) -> bool | None:
@@ -66,7 +67,7 @@ def resolve_onednn(setting: Any, latent: torch.Tensor, dtype: torch.dtype) -> bo
 
 
 def set_cpu_onednn(setting: Any, engine: Any) -> str | bool:
-    """run.py's ``cpu_onednn`` on ``engine`` (its sampling resolves it per latent size); returns it."""
+    """run.py's ``cpu_onednn`` on ``engine`` (its sampling resolves it per batch of latents); returns it."""
     engine.cpu_onednn = check_cpu_onednn(setting)
     return engine.cpu_onednn
 
