@@ -2,9 +2,9 @@
 
 For each model (shipped digit model, tiny, a quarter-width and a full mid-size UNet on the tiny
 conditioner/VAE), image size and number of images per batch, one sampling step's network input is
-captured (a batch of 2 per image: uncond + cond), then ``--calls`` calls of ``engine.model`` are timed with ``torch.backends.mkldnn`` on and
-off, interleaved ``--repeats`` times, at the thread count ``cpu_threads: null`` picks for that model
-(sgm/tasks/threads.py). The ratio is the median of the paired ratios (off / on); below 1 oneDNN is
+captured (a batch of 2 per image: uncond + cond), then ``--calls`` calls of ``engine.model`` are timed
+with ``torch.backends.mkldnn`` on and off, interleaved ``--repeats`` times, at the thread count
+``cpu_threads: null`` picks for that model (sgm/tasks/threads.py). The ratio is the median of the paired ratios (off / on); below 1 oneDNN is
 slower. The outputs of both paths are compared too. ``cpu_onednn: auto`` (sgm/networks/onednn.py)
 is what the last column says run.py does.
 
@@ -101,11 +101,13 @@ def measure(name: str, overrides: list[str], size: int, images: int, args: argpa
         t_on.append(bm._timed(with_))
         t_off.append(bm._timed(without))
     ratio = statistics.median(b / a for a, b in zip(t_on, t_off))
-    res = {"model": name, "overrides": overrides, "size": size, "images": images, "params": bm.count_params(engine.model),
+    res = {"model": name, "overrides": overrides, "size": size, "images": images,
+           "params": bm.count_params(engine.model),
            "threads": threads, "latent": list(inputs[0].shape), "on_ms": statistics.median(t_on) / args.calls * 1e3,
            "off_ms": statistics.median(t_off) / args.calls * 1e3, "ratio": ratio, "rel_diff": diff,
            "auto": auto_onednn(latent, torch.float32)}
-    bm.log(f"[onednn] {name} {size}px x{images} ({res['params'] / 1e6:.1f}M, {threads} threads): on {res['on_ms']:.2f} ms, "
+    bm.log(f"[onednn] {name} {size}px x{images} ({res['params'] / 1e6:.1f}M, {threads} threads): "
+           f"on {res['on_ms']:.2f} ms, "
            f"off {res['off_ms']:.2f} ms per call (x{ratio:.2f}); outputs differ by {diff:.1e}")
     return res
 

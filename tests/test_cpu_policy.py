@@ -104,7 +104,8 @@ def test_sampling_with_and_without_onednn_agree(tiny):
 
 def test_run_applies_the_policy(run_task, tmp_path, caplog):
     """run.py's default (``cpu_onednn: auto``) samples one of the shipped model's 8x8 latents without oneDNN
-    and a batch of four with it; ``cpu_onednn=true`` keeps it; a bad value fails in the validate step, before the run folder has images."""
+    and a batch of four with it; ``cpu_onednn=true`` keeps it; a bad value fails in the validate step, before
+    the run folder has images."""
     quiet = ["progress=false", "~logger", "~metrics", "steps=2", "prompts=[three]"]
     with caplog.at_level(logging.DEBUG, logger="sgm.networks.onednn"):
         run_task("sample", quiet, tmp_path / "auto")
