@@ -45,6 +45,11 @@ def colourize(ink: torch.Tensor, g: torch.Generator, p_colour: float = 0.5, p_ba
     return (bg + ink * (ink_rgb - bg)) * 2 - 1
 
 
+def first(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` rows of ``x``; all of them for ``n <= 0``."""
+    return x[:n] if n > 0 else x
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +78,7 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps,
                                                 pct_start=max(0.05, 2 / args.steps))  # >= 2 warm-up steps
     g = torch.Generator().manual_seed(args.seed)
-    held_rgb = colourize(x_held[:args.eval_images] if args.eval_images > 0 else x_held, torch.Generator().manual_seed(1))
+    held_rgb = colourize(first(x_held, args.eval_images), torch.Generator().manual_seed(1))
     start = time.perf_counter()
     perm, pos = torch.randperm(len(x_train), generator=g), 0
     for step in range(1, args.steps + 1):
@@ -103,7 +108,7 @@ def main() -> None:
             log.info("step %d: train l1 %.4f kl %.1f | held-out l1 %.4f (%.0f s)", step, l1.item() / x[0].numel(),
                      kl.item(), held_l1, time.perf_counter() - start)
     model.eval()
-    x_stats = x_train[:args.stats_images] if args.stats_images > 0 else x_train
+    x_stats = first(x_train, args.stats_images)
     with torch.no_grad():
         z = torch.cat([model.encode_posterior(colourize(x_stats[i:i + 500], g)).sample(generator=g)
                        for i in range(0, len(x_stats), 500)])
@@ -115,7 +120,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, args.out,
                       {"scale_factor": f"{1 / std:.5f}", "held_out_l1": f"{held_l1:.5f}", "seed": str(args.seed),
-                       "steps": str(args.steps), "kl_weight": str(args.kl_weight), "stats_images": str(len(x_stats)), "eval_images": str(len(held_rgb))})
+                       "steps": str(args.steps), "kl_weight": str(args.kl_weight),
+                       "stats_images": str(len(x_stats)), "eval_images": str(len(held_rgb))})
     log.info("wrote %s", args.out)
 
 
