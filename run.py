@@ -11,11 +11,14 @@ from omegaconf import DictConfig  # noqa: E402
 
 import sgm  # noqa: F401,E402 - registers the ${sgm.asset:NAME} resolver before Hydra resolves
 from sgm.tasks.cli import check_command_line  # noqa: E402
+from sgm.tasks.sample_numbers import check_numbers  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> Any:
     """The run's metrics; with ``optimized_metric`` set, that metric for the sweeper (sgm.tasks.search)."""
+    if not cfg.get("from_image"):  # (a PNG's settings replace these: the task checks them)
+        check_numbers(cfg)  # a mistyped number stops here, before torch and the model code are imported
     from sgm.tasks.sample import run
     from sgm.tasks.search import objective
 

@@ -35,13 +35,26 @@ def imported(stderr: str) -> set[str]:
     return {name.split(".")[0] for name in IMPORT_LINE.findall(stderr)}
 
 
-@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
-def test_a_config_error_stops_before_lightning_is_imported(tmp_path):
-    res = python("-X", "importtime", "run.py", "steps=0", f"hydra.run.dir={tmp_path / 'run'}")
-    assert res.returncode == 1
-    assert "steps must be an integer >= 1, got 0" in res.stderr
+@pytest.mark.parametrize("override, message", [
+    ("steps=0", "steps must be an integer >= 1, got 0"),
+    ("H=33", "H and W must be positive multiples of 8 for this model"),
+    ("strength=0.5", "strength=0.5 needs init_image=PATH"),
+])
+def test_a_mistyped_number_stops_before_torch_is_imported(tmp_path, override, message):
+    """run.py checks the run's numbers (sgm.tasks.sample_numbers) before it imports the sample task."""
+    res = python("-X", "importtime", "run.py", override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert res.returncode == 1 and message in res.stderr
     modules = imported(res.stderr)
-    assert "sgm" in modules and "torch" in modules  # the check ran (it imports the task module)
+    assert "sgm" in modules and "hydra" in modules
+    assert "torch" not in modules and modules.isdisjoint(HEAVY), sorted(modules & {"torch", *HEAVY})
+
+
+@pytest.mark.slow  # about 2 s or more: outside the quick loop (make test runs it)
+def test_a_config_error_of_the_sampler_stops_before_lightning_is_imported(tmp_path):
+    res = python("-X", "importtime", "run.py", "guider.scale=abc", f"hydra.run.dir={tmp_path / 'run'}")
+    assert res.returncode == 1 and "scale must be a real number" in res.stderr
+    modules = imported(res.stderr)
+    assert "torch" in modules  # the check ran in the task module (it builds the sampler and guider)
     assert modules.isdisjoint(HEAVY), sorted(modules & set(HEAVY))
 
 
@@ -141,3 +154,19 @@ def test_tokenizing_loads_open_clips_tokenizer_alone_and_matches_the_package(sta
     assert stages["heavy"]["tokenize"] == []
     ref = SimpleTokenizer().encode(whitespace_clean(basic_clean(TEXT)).lower())
     assert stages["ids"] == ref and len(ref) > 8
+
+
+@pytest.mark.parametrize("package", ["sgm.diffusion", "sgm.networks"])
+def test_lazy_package_names_resolve_to_their_modules(package):
+    """Every public name of the lazily loaded packages (sgm._lazy) is found where the table says,
+    and submodules are reached as attributes, as with an eager ``__init__``."""
+    import importlib
+
+    pkg = importlib.import_module(package)
+    for module, names in pkg._MODULES.items():
+        for name in names:
+            assert getattr(pkg, name) is getattr(importlib.import_module(module, package), name)
+    assert set(pkg.__all__) <= set(dir(pkg))
+    assert pkg.schedule if package == "sgm.diffusion" else pkg.sizes
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        pkg.no_such_name  # noqa: B018

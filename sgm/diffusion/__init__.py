@@ -1,30 +1,31 @@
-"""The math of diffusion, without weights: schedules, preconditioning, guidance, samplers, losses."""
+"""The math of diffusion, without weights: schedules, preconditioning, guidance, samplers, losses.
 
-from .apg import APGGuider
-from .autoguidance import AutoGuidance
-from .brownian import BrownianTreeNoise
-from .cfg_zero_star import CFGZeroStarGuider
-from .denoiser import Denoiser, DiscreteDenoiser
-from .discretization import (AlignYourStepsDiscretization, BetaDiscretization, DDIMUniformDiscretization,
-                             EDMDiscretization, ExponentialDiscretization, KLOptimalDiscretization,
-                             LegacyDDPMDiscretization, LinearQuadraticDiscretization, NormalDiscretization,
-                             PolyExponentialDiscretization, SGMUniformDiscretization, SimpleDiscretization,
-                             VPDiscretization, make_beta_schedule)
-from .guiders import DynamicThresholding, IdentityGuider, IntervalCFG, RescaledCFG, VanillaCFG
-from .loss import StandardDiffusionLoss
-from .loss_weighting import EDMWeighting, EpsWeighting, MinSNRWeighting, UnitWeighting, VWeighting
-from .pag import PAGGuider
-from .sag import SAGGuider
-from .samplers import (
-    DPMPP2MSampler,
-    DPMPP2MSDESampler,
-    DPMPP2SAncestralSampler,
-    EulerAncestralSampler,
-    EulerEDMSampler,
-    HeunEDMSampler,
-    LinearMultistepSampler,
-)
-from .scaling import EDMScaling, EpsScaling, VScaling, VScalingWithEDMcNoise, X0Scaling
-from .sigma_sampling import DiscreteSampling, EDMSampling
+The names below are loaded on first use (:mod:`sgm._lazy`): importing this package, or a
+torch-free module of it such as ``sgm.diffusion._checks``, imports no torch.
+"""
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+from .._lazy import lazy_namespace
+
+_MODULES = {
+    ".apg": ["APGGuider"],
+    ".autoguidance": ["AutoGuidance"],
+    ".brownian": ["BrownianTreeNoise"],
+    ".cfg_zero_star": ["CFGZeroStarGuider"],
+    ".denoiser": ["Denoiser", "DiscreteDenoiser"],
+    ".discretization": ["AlignYourStepsDiscretization", "BetaDiscretization", "DDIMUniformDiscretization",
+                        "EDMDiscretization", "ExponentialDiscretization", "KLOptimalDiscretization",
+                        "LegacyDDPMDiscretization", "LinearQuadraticDiscretization", "NormalDiscretization",
+                        "PolyExponentialDiscretization", "SGMUniformDiscretization", "SimpleDiscretization",
+                        "VPDiscretization", "make_beta_schedule"],
+    ".guiders": ["DynamicThresholding", "IdentityGuider", "IntervalCFG", "RescaledCFG", "VanillaCFG"],
+    ".loss": ["StandardDiffusionLoss"],
+    ".loss_weighting": ["EDMWeighting", "EpsWeighting", "MinSNRWeighting", "UnitWeighting", "VWeighting"],
+    ".pag": ["PAGGuider"],
+    ".sag": ["SAGGuider"],
+    ".samplers": ["DPMPP2MSampler", "DPMPP2MSDESampler", "DPMPP2SAncestralSampler", "EulerAncestralSampler",
+                  "EulerEDMSampler", "HeunEDMSampler", "LinearMultistepSampler"],
+    ".scaling": ["EDMScaling", "EpsScaling", "VScaling", "VScalingWithEDMcNoise", "X0Scaling"],
+    ".sigma_sampling": ["DiscreteSampling", "EDMSampling"],
+}
+__all__ = sorted(name for names in _MODULES.values() for name in names)
+__getattr__, __dir__ = lazy_namespace(__name__, {name: m for m, names in _MODULES.items() for name in names})

@@ -6,8 +6,8 @@
   schedule over the model's discrete levels (``model_sigmas`` = None) gets the denoiser's
   table (:func:`model_sigma_table`). :func:`for_model` does both.
 * :func:`img2img_start`: where img2img enters that schedule, by one of two rules
-  (:data:`IMG2IMG_RULES`).
-* :func:`split_index`: where the base hands over to the refiner.
+  (:data:`IMG2IMG_RULES`); :func:`split_index`: where the base hands over to the refiner
+  (both in :mod:`sgm.diffusion.step_index`, torch-free, and importable from here).
 * :func:`initial_latent`: the latent a sampler starts from at ``sigmas[0]``.
 """
 
@@ -22,8 +22,8 @@ import torch
 
 from ._checks import check_int
 from .discretization import Discretization, as_table, unset_model_fields
+from .step_index import IMG2IMG_RULES, img2img_start, split_index  # noqa: F401 - this module's API too
 
-IMG2IMG_RULES = ("last_steps", "sgm")
 CONTINUOUS_LEVELS = 1000  # the levels a continuous denoiser's range stands for (model_sigma_table)
 
 
@@ -89,33 +89,6 @@ def for_model(discretization: Any, denoiser: Any = None) -> Any:
 def sampling_sigmas(discretization: Any, steps: int, denoiser: Any = None, device: Any = "cpu") -> torch.Tensor:
     """The schedule of a ``steps``-step run: ``steps + 1`` descending sigmas ending with 0."""
     return for_model(discretization, denoiser)(check_int("steps", steps), device=device)
-
-
-def img2img_start(num_steps: int, strength: float, rule: str = "last_steps") -> int:
-    """Index into an ``num_steps``-step schedule (``num_steps + 1`` sigmas) where img2img starts.
-
-    * ``last_steps`` (default): the last ``max(1, round(strength * num_steps))`` steps run.
-    * ``sgm`` (Stability's ``Img2ImgDiscretizationWrapper``): the last
-      ``max(1, int(strength * (num_steps + 1)))`` sigmas, the final 0 included, are kept, so
-      one step fewer runs (strength 0.6, 10 steps: 5 steps against 6); it may keep no step at
-      all, and the run then returns the init image's latent.
-    """
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    if rule not in IMG2IMG_RULES:
-        raise ValueError(f"img2img_schedule must be one of {IMG2IMG_RULES}, got {rule!r}")
-    if strength == 1.0:
-        return 0
-    if rule == "sgm":
-        return num_steps + 1 - max(1, int(strength * (num_steps + 1)))
-    return num_steps - max(1, round(strength * num_steps))
-
-
-def split_index(num_steps: int, switch: float) -> int:
-    """Index where the base model hands over to the refiner: step ``round(switch * num_steps)``."""
-    if not 0.0 < switch < 1.0:
-        raise ValueError(f"refiner_switch must be in (0, 1), got {switch}")
-    return round(switch * num_steps)
 
 
 def initial_latent(noise: torch.Tensor, sigma: torch.Tensor | float, init_latent: torch.Tensor | None = None

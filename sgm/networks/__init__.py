@@ -1,18 +1,21 @@
-"""Networks with weights: the SDXL UNet (openaimodel layout), the KL autoencoder, attention backends, UNet patches."""
+"""Networks with weights: the SDXL UNet (openaimodel layout), the KL autoencoder, attention backends, UNet patches.
 
-from .attention import (
-    CrossAttention,
-    attention_backend,
-    get_attention_backend,
-    set_attention_backend,
-    xformers_available,
-)
-from .autoencoder import AutoencoderKL, IdentityFirstStage
-from .distributions import DiagonalGaussianDistribution
-from .freeu import FreeU
-from .openaimodel import UNetModel
-from .patches import UNetPatch, apply_patches
-from .transformer import BasicTransformerBlock, SpatialTransformer
-from .vae import Decoder, Encoder
+The names below are loaded on first use (:mod:`sgm._lazy`): importing this package, or a
+torch-free module of it such as ``sgm.networks.sizes``, imports no torch.
+"""
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+from .._lazy import lazy_namespace
+
+_MODULES = {
+    ".attention": ["CrossAttention", "attention_backend", "get_attention_backend", "set_attention_backend",
+                   "xformers_available"],
+    ".autoencoder": ["AutoencoderKL", "IdentityFirstStage"],
+    ".distributions": ["DiagonalGaussianDistribution"],
+    ".freeu": ["FreeU"],
+    ".openaimodel": ["UNetModel"],
+    ".patches": ["UNetPatch", "apply_patches"],
+    ".transformer": ["BasicTransformerBlock", "SpatialTransformer"],
+    ".vae": ["Decoder", "Encoder"],
+}
+__all__ = sorted(name for names in _MODULES.values() for name in names)
+__getattr__, __dir__ = lazy_namespace(__name__, {name: m for m, names in _MODULES.items() for name in names})

@@ -50,3 +50,12 @@ def check_pixel_size(height: Any, width: Any, multiple: int, names: tuple[str, s
                          f"(the VAE's and the UNet's downsampling), got {h}x{w}: try "
                          f"{max(multiple, round(h / multiple) * multiple)}x{max(multiple, round(w / multiple) * multiple)}")
     return h, w
+
+
+def check_size(model: Any, height: Any, width: Any, names: tuple[str, str] = ("H", "W")) -> tuple[int, int]:
+    """Fail before any model is built when the size cannot pass the model's VAE and UNet
+    (``model``: its config node, a DictConfig or a plain mapping)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    node = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else model
+    return check_pixel_size(height, width, config_pixel_multiple(node), names)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 import sgm
 
 from ..checkpoint import CheckpointMismatchError, compare_keys, format_mismatch, load_checkpoint, parse_dtype
-from ..networks.sizes import check_pixel_size, config_pixel_multiple
+from ..networks.sizes import check_size  # noqa: F401 - the tasks' import of it
 from .extras import check_tags
 from .wandb_logger import sweep_run_name
 
@@ -160,12 +160,6 @@ def build_weak_engine(node: Any, weights: Any, main: DiffusionEngine, seed: int 
     elif dtype is not None:
         engine.model.to(dtype)
     return engine.eval()
-
-
-def check_size(model: Any, height: Any, width: Any, names: tuple[str, str] = ("H", "W")) -> tuple[int, int]:
-    """Fail before any model is built when the size cannot pass the model's VAE and UNet."""
-    node = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else model
-    return check_pixel_size(height, width, config_pixel_multiple(node), names)
 
 
 def apply_runtime_settings(cfg: DictConfig) -> None:

@@ -20,8 +20,7 @@ from PIL import Image
 
 from ..data.prompts import PromptJob, make_jobs, read_prompt_file
 from ..data.reading import ImageReadError, image_file, image_to_tensor, read_image
-from ..diffusion._checks import check_finite, check_int
-from ..diffusion.schedule import img2img_start, split_index
+from ..diffusion._checks import check_finite
 from ..inpaint.setup import check_checkpoint_channels, load_inpainting
 from ..networks.autoencoder import check_tiling_config
 from ..networks.compile import CompileSettings, compile_settings
@@ -34,14 +33,12 @@ from .engine_cache import check_reuse_engine, model_engine, refiner_engine, weak
 from .extras import check_conventions, record_config
 from .from_image import rerun_config, select_images
 from .hires import check_hires
+from .sample_numbers import check_numbers
 from .search import refuse_sample_run, search_spec
 from .threads import choose_threads
 from .wandb_logger import finish_wandb
 
 log = logging.getLogger(__name__)
-
-MAX_SEED = 2**63 - 1  # torch generators take 64 bits; image k's noise uses seed + k (+ 1, + 2)
-
 
 def load_prompts(cfg: DictConfig) -> list[str]:
     """The run's prompts: ``prompt_file`` (one per line), else ``prompt``, else ``prompts``."""
@@ -70,14 +67,6 @@ def load_init_image(path: str | Path, height: int, width: int) -> torch.Tensor:
                              f"downscale it first (it is resized to {width}x{height} anyway)") from exc
         raise ValueError(f"init_image {str(path)!r} is not a readable image ({exc.reason})") from exc
     return image_to_tensor(im.resize((width, height), Image.Resampling.LANCZOS))[None]
-
-
-def check_seed(value: Any) -> int:
-    """``seed`` as an int in [0, 2**63 - 1]."""
-    seed = check_int("seed", value, minimum=0)
-    if seed > MAX_SEED:
-        raise ValueError(f"seed must be at most 2**63 - 1, got {value!r}")
-    return seed
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -139,37 +128,17 @@ class SamplePlan:
 def validate(cfg: DictConfig) -> SamplePlan:
     """Every check of a sampling run that needs no model weights, each error naming the parameter or file.
 
-    Numbers first (``seed``, ``steps``, ``batch_size``, ``num_images_per_prompt``,
-    ``grid_columns``, ``H``/``W``, ``strength`` with ``img2img_schedule``, ``refiner_switch``
-    (its range with a refiner), the aesthetic scores), then prompts and wildcards, checkpoint
-    paths, the logger, LoRA file headers and the init image; last the objects that are cheap
-    to make (sampler, schedule, patches) and the metrics (conf/metrics), which read their own weights."""
-    seed = check_seed(cfg.seed)
-    steps = check_int("steps", cfg.steps)
-    batch_size = check_int("batch_size", cfg.batch_size)
-    per_prompt = check_int("num_images_per_prompt", cfg.num_images_per_prompt)
-    check_int("grid_columns", cfg.grid_columns)
-    H, W = check_size(cfg.model, cfg.H, cfg.W)
+    Numbers first (:func:`~sgm.tasks.sample_numbers.check_numbers`: ``seed``, ``steps``, sizes,
+    ``strength``, ``refiner_switch``, ...; run.py makes that check before it imports this module),
+    the VAE's tiling, then prompts and wildcards, checkpoint paths, the logger, LoRA file headers
+    and the init image; last the objects that are cheap to make (sampler, schedule, patches) and
+    the metrics (conf/metrics), which read their own weights."""
+    n = check_numbers(cfg)
     check_tiling_config(cfg.model.get("first_stage"), "model.first_stage.")
-    strength = check_finite("strength", cfg.strength)
-    schedule = str(cfg.img2img_schedule)
-    start = img2img_start(steps, strength, schedule)
-    if strength < 1 and not cfg.get("init_image"):
-        raise ValueError(f"strength={strength:g} needs init_image=PATH: strength is the share of the schedule img2img "
-                         "runs from that image; without one the run is text-to-image (strength=1)")
-    refiner_switch = check_finite("refiner_switch", cfg.refiner_switch)
-    aesthetic_scores = (check_finite("aesthetic_score", cfg.aesthetic_score),
-                        check_finite("negative_aesthetic_score", cfg.negative_aesthetic_score))
     if cfg.get("refiner") is not None:
-        end = split_index(steps, refiner_switch)
-        if not start < end < steps:
-            after = f" (img2img starts at step {start})" if start else ""
-            raise ValueError(f"refiner_switch={refiner_switch:g} hands over at step {end} of {steps}{after}, so the "
-                             f"{'refiner' if end >= steps else 'base'} would run no step: choose a refiner_switch "
-                             "that leaves both at least one step")
-        check_size(cfg.refiner, H, W)
         check_weights(cfg.get("refiner_weights"), "refiner")
-    jobs = make_jobs(load_prompts(cfg), str(cfg.negative_prompt or ""), seed, per_prompt, cfg.get("wildcards_dir"))
+    H, W, steps = n.H, n.W, n.steps
+    jobs = make_jobs(load_prompts(cfg), str(cfg.negative_prompt or ""), n.seed, n.per_prompt, cfg.get("wildcards_dir"))
     jobs = select_images(jobs, cfg.get("images"))
     prompt_options = check_prompt_syntax(cfg, jobs, steps)
     check_weights(cfg.get("weights"))
@@ -189,8 +158,8 @@ def validate(cfg: DictConfig) -> SamplePlan:
     check_cpu_onednn(cfg.get("cpu_onednn"))  # run() sets it on the engines
     image_metrics = instantiate(cfg.metrics) if cfg.get("metrics") is not None else None  # last: they read weights
     return SamplePlan(
-        jobs=jobs, H=H, W=W, seed=seed, steps=steps, batch_size=batch_size, strength=strength,
-        img2img_schedule=schedule, refiner_switch=refiner_switch, aesthetic_scores=aesthetic_scores,
+        jobs=jobs, H=H, W=W, seed=n.seed, steps=steps, batch_size=n.batch_size, strength=n.strength,
+        img2img_schedule=n.img2img_schedule, refiner_switch=n.refiner_switch, aesthetic_scores=n.aesthetic_scores,
         sampler=sampler, discretization=discretization,
         lora_files=lora_files, lora_strengths=lora_strengths, init_image=init_image, patches=patches,
         image_metrics=image_metrics, out_dir=run_dir(), weak_model=weak_model, tags=tuple(tags), inpaint=inpaint,

@@ -24,13 +24,15 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .metric_info import HIGHER, LOWER, NFE, NFE_SOURCE, RUN_METRICS, direction, metrics_json_name
+
+if TYPE_CHECKING:  # torch is imported where it is used: the sweep summary (a Hydra callback of every run) reads this module
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +166,8 @@ def _count_calls(sampler: Any, sigmas: torch.Tensor, x0: Any) -> int:
         calls += 1
         return x0(x, sigma.reshape(-1, *[1] * (x.ndim - 1)))
 
+    import torch
+
     from ..diffusion.noise import seeded_generators
 
     x = torch.zeros(1, 1, 1, 1) + float(sigmas[0])
@@ -180,6 +184,8 @@ def planned_nfe(sampler: Any, sigmas: torch.Tensor) -> int | None:
     data, a linear flow, and a nonlinear one); None when the two counts differ (the count depends
     on the network: adaptive step sizes) or the dry run fails (a guider that needs the real
     network, such as SAG or autoguidance)."""
+    import torch
+
     try:
         counts = {_count_calls(sampler, sigmas, lambda x, s: x / (1 + s**2)),
                   _count_calls(sampler, sigmas, lambda x, s: torch.tanh(4 * x) * torch.cos(3 * s))}
