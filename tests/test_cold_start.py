@@ -170,3 +170,19 @@ def test_lazy_package_names_resolve_to_their_modules(package):
     assert pkg.schedule if package == "sgm.diffusion" else pkg.sizes
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         pkg.no_such_name  # noqa: B018
+
+
+@pytest.mark.slow  # a fresh interpreter that samples: about 8 s
+def test_a_run_without_logger_imports_no_wandb(tmp_path):
+    """The shipped model's OpenCLIP text tower needs open_clip, which imports timm, which would import
+    W&B (sgm.conditioning.open_clip.import_open_clip hides it); W&B stays importable afterwards."""
+    res = python("-c", "import runpy, sys\n"
+                       f"sys.argv = ['run.py', '~logger', '~metrics', 'progress=false', 'steps=1', 'prompts=[a digit 1]', "
+                       f"'hydra.run.dir={tmp_path / 'run'}']\n"
+                       "try:\n    runpy.run_path('run.py', run_name='__main__')\nexcept SystemExit as exc:\n"
+                       "    assert not exc.code, exc.code\n"
+                       "found = sorted(m for m in ('wandb', 'lightning', 'open_clip', 'timm') if m in sys.modules)\n"
+                       "import wandb\nprint(found, hasattr(wandb, 'init'))")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "['lightning', 'open_clip', 'timm'] True"
+    assert list((tmp_path / "run").glob("*.png"))

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any, Literal
 
 import torch
@@ -23,6 +25,26 @@ from .embedders import AbstractEmbModel, as_text_list, causal_mask, text_zero_ou
 log = logging.getLogger(__name__)
 
 
+def import_open_clip() -> ModuleType:
+    """The ``open_clip`` package, first imported with W&B hidden.
+
+    open_clip's ``__init__`` imports timm, and ``timm.utils.summary`` imports wandb (when it can)
+    for timm's own training logs, which nothing here uses: about 0.3 s, and a run with ``~logger``
+    must not import W&B. While open_clip is first imported, ``sys.modules["wandb"]`` is None, so
+    that import raises ImportError and timm goes on without it; an imported W&B is left alone."""
+    if "open_clip" in sys.modules:
+        return sys.modules["open_clip"]
+    hide = "wandb" not in sys.modules
+    if hide:
+        sys.modules["wandb"] = None  # type: ignore[assignment] - `import wandb` raises ImportError meanwhile
+    try:
+        import open_clip
+    finally:
+        if hide and sys.modules.get("wandb", 0) is None:
+            del sys.modules["wandb"]
+    return open_clip
+
+
 def text_tower_config(
     arch: str | Mapping[str, Any], text_cfg: Mapping[str, Any] | None = None, embed_dim: int | None = None
 ) -> tuple[int, dict[str, Any], bool]:
@@ -30,9 +52,7 @@ def text_tower_config(
     if isinstance(arch, str):
         if arch.startswith("hf-hub:"):
             raise ValueError(f"arch {arch!r} would be downloaded; give a bundled arch name or a config dict")
-        import open_clip
-
-        cfg = open_clip.get_model_config(arch)
+        cfg = import_open_clip().get_model_config(arch)
         if cfg is None:
             raise ValueError(f"unknown open_clip arch {arch!r} (see open_clip.list_models())")
     elif isinstance(arch, Mapping):
@@ -76,7 +96,7 @@ class FrozenOpenCLIPEmbedder2(AbstractEmbModel):
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
-        from open_clip.model import _build_text_tower
+        _build_text_tower = import_open_clip().model._build_text_tower
 
         if layer not in self.LAYERS:
             raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ..tasks.writer import to_uint8
+from ..conditioning.open_clip import import_open_clip
 from .features import pick_device
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def _arch_name(arch: str, what: str) -> str:
     """A bundled open_clip arch name, or the name a model-config JSON file registers (its stem)."""
-    import open_clip
+    open_clip = import_open_clip()
 
     path = Path(arch).expanduser()
     if arch.endswith(".json"):
@@ -52,7 +53,7 @@ class ClipScore:
 
     def __init__(self, checkpoint: str | None, arch: str = "ViT-L-14", quick_gelu: bool = False,
                  batch_size: int = 32, device: str | None = None, key: str = "clip_score"):
-        import open_clip
+        open_clip = import_open_clip()
 
         self.key, self.batch_size = key, int(batch_size)
         what = f"metrics.{key}.checkpoint"
