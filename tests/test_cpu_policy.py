@@ -42,7 +42,7 @@ def test_auto_rule():
     assert auto_onednn((1, 4, 8, 8), torch.float32) is False  # one or two images: ATen's kernels
     assert auto_onednn((2, 4, 8, 8), torch.float32) is False
     assert auto_onednn((3, 4, 8, 8), torch.float32) is True  # from three images (CFG batch 6): oneDNN
-    assert auto_onednn((8, 4, 8, 8), torch.float32) is True  # run.py's default batch_size
+    assert auto_onednn((8, 4, 8, 8), torch.float32) is True  # a batch of 8 images
     assert auto_onednn((1, 4, 16, 16), torch.float32) is True  # one 64x64 image
     assert auto_onednn((1, 4, 128, 128), torch.float32) is True  # SDXL at 1024x1024
     assert auto_onednn((2, 4, 8, 8), torch.bfloat16) is True
