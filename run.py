@@ -2,9 +2,11 @@
 
 from typing import Any
 
+from sgm.tasks.shutdown import skip_collection_at_exit
 from sgm.tasks.threads import set_wait_policy
 
 set_wait_policy()  # OpenMP's passive wait, before anything imports torch (sgm/tasks/threads.py)
+skip_collection_at_exit()  # the process ends ~1 s sooner (sgm/tasks/shutdown.py)
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
