@@ -8,13 +8,15 @@ imported by the checks that run before torch is (run.py's config errors, sgm.tas
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
-def lazy_namespace(package: str, exports: Mapping[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """``(__getattr__, __dir__)`` for ``package``: ``exports`` maps each public name to the submodule
-    (relative, ``".guiders"``) that defines it; any other name is tried as a submodule."""
+def lazy_namespace(package: str, modules: Mapping[str, Sequence[str]]
+                   ) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
+    """``(__getattr__, __dir__, __all__)`` for ``package``: ``modules`` maps each submodule
+    (relative, ``".guiders"``) to the public names it defines; any other name is tried as a submodule."""
+    exports = {name: module for module, names in modules.items() for name in names}
 
     def __getattr__(name: str) -> Any:
         if name in exports:
@@ -34,4 +36,4 @@ def lazy_namespace(package: str, exports: Mapping[str, str]) -> tuple[Callable[[
     def __dir__() -> list[str]:
         return sorted(set(exports) | set(vars(importlib.import_module(package))))
 
-    return __getattr__, __dir__
+    return __getattr__, __dir__, sorted(exports)

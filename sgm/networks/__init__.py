@@ -17,5 +17,4 @@ _MODULES = {
     ".transformer": ["BasicTransformerBlock", "SpatialTransformer"],
     ".vae": ["Decoder", "Encoder"],
 }
-__all__ = sorted(name for names in _MODULES.values() for name in names)
-__getattr__, __dir__ = lazy_namespace(__name__, {name: m for m, names in _MODULES.items() for name in names})
+__getattr__, __dir__, __all__ = lazy_namespace(__name__, _MODULES)

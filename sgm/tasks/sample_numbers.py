@@ -1,7 +1,7 @@
 """The numbers of a sampling run, checked before torch is imported.
 
 run.py calls :func:`check_numbers` before it imports the sample task (torch and the model code,
-about a second on these machines), so a mistyped number stops in about a second;
+over a second on these machines), so a mistyped number stops in under half a second;
 :func:`sgm.tasks.sample.validate` starts with the same call and goes on with the checks that
 need the model code (prompts, files, samplers, metrics).
 """
