@@ -278,15 +278,15 @@ def ksampling():
 
 
 # The longest test files first (seconds per file in `make test`, 2 cores, quiet machine, torch's inductor
-# cache empty as on a fresh machine: compile ~105, train ~48, config ~41, shipped_model ~31, run ~27,
-# conventions ~28, toolbox ~25, engine_cache ~21, then 10-18 s each), so that `make test`'s processes
-# start on them and end on short files instead of one process finishing a long file alone (the
+# cache empty as on a fresh machine, 2026-12-02: compile ~95, train ~56, config ~50, shipped_model ~37,
+# run ~28, conventions ~27, engine_cache ~20, cold_start ~20, then 8-14 s each), so that `make test`'s
+# processes start on them and end on short files instead of one process finishing a long file alone (the
 # Makefile keeps this order with xdist's --no-loadscope-reorder). Collection order only: every test runs.
 LONG_FILES_FIRST = ("test_compile.py", "test_train.py", "test_config.py", "test_shipped_model.py", "test_run.py",
-                    "test_conventions.py", "test_toolbox.py", "test_engine_cache.py", "test_eval_task.py",
-                    "test_train_reliability.py", "test_schedules.py", "test_leaderboard.py", "test_cold_start.py",
-                    "test_eval_metrics.py", "test_console.py", "test_guiders_apg_zero_sag.py", "test_optuna_search.py",
-                    "test_autoguidance.py")
+                    "test_conventions.py", "test_engine_cache.py", "test_cold_start.py", "test_toolbox.py",
+                    "test_train_reliability.py", "test_eval_task.py", "test_schedules.py", "test_guiders_apg_zero_sag.py",
+                    "test_console.py", "test_autoguidance.py", "test_eval_metrics.py", "test_mnist.py",
+                    "test_optuna_search.py", "test_lora.py", "test_leaderboard.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

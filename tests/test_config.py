@@ -73,17 +73,6 @@ def test_groups_have_the_promised_files():
     assert _options("denoiser")
 
 
-@pytest.mark.slow  # 3-11 s per group; in the quick loop test_toolbox composes, builds and samples every option
-@pytest.mark.parametrize("group", ["discretization", "guider", "sampler"])
-def test_every_sampling_option_composes_and_instantiates(compose, group):
-    for name in _options(group):
-        cfg = compose("sample", [f"{group}={name}"])
-        obj = instantiate(cfg[group])
-        assert type(obj).__module__.startswith("sgm."), (group, name, obj)
-        if group == "sampler":  # samplers integrate the schedule they are given
-            assert obj.discretization is None and obj.num_steps is None
-
-
 @pytest.mark.parametrize("group", [pytest.param("denoiser", marks=pytest.mark.slow), "sigma_sampler",
                                    pytest.param("loss_weighting", marks=pytest.mark.slow), "loss"])  # slow: 2 s or more
 def test_every_training_option_composes_and_instantiates(compose, group):

@@ -41,7 +41,12 @@ def _sample(engine, cfg):
 
 @pytest.mark.parametrize("group, name", [(g, n) for g in ("sampler", "discretization", "guider") for n in _options(g)])
 def test_config_samples_the_shipped_model(compose, shipped, group, name):
+    """Every option composes, builds an sgm class (a sampler integrates the schedule it is given) and samples."""
     cfg = compose("sample", [f"{group}={name}", "steps=4", "progress=false"])
+    obj = instantiate(cfg[group])
+    assert type(obj).__module__.startswith("sgm."), (group, name, obj)
+    if group == "sampler":
+        assert obj.discretization is None and obj.num_steps is None
     z, nfe = _sample(shipped, cfg)
     assert z.shape == (2, *shipped.latent_shape(cfg.H, cfg.W)) and torch.isfinite(z).all(), (group, name)
     assert nfe >= 1, (group, name)
