@@ -84,6 +84,9 @@ CASES = [
     (S, ["H=big"], ValueError, r"H must be a whole number of pixels, got 'big'"),
     (S, ["steps=0"], ValueError, r"steps must be an integer >= 1"),
     (S, ["batch_size=0"], ValueError, r"batch_size must be an integer >= 1"),
+    (S, ["steps=1000000000"], ValueError, r"steps must be at most 10000, got 1000000000"),
+    (S, ["cpu_threads=-1"], ValueError, r"cpu_threads must be null .* or an integer >= 1, got -1"),
+    (T, ["cpu_threads=two"], ValueError, r"cpu_threads must be null .* or an integer >= 1, got 'two'"),
     (S, ["num_images_per_prompt=two"], ValueError, r"num_images_per_prompt"),
     (S, ["strength=nan"], ValueError, r"strength must be finite"),
     (S, ["aesthetic_score=inf"], ValueError, r"aesthetic_score must be finite"),
@@ -99,6 +102,8 @@ CASES = [
     # sizes the network cannot take (one rule: VAE factor x UNet downsampling)
     (S, ["H=36"], ValueError, r"H and W must be positive multiples of 8 .* got 36x32: try 32x32"),
     (S, ["W=4"], ValueError, r"H and W must be positive multiples of 8"),
+    (S, ["H=100000"], ValueError, r"H and W must be at most 16384 pixels each .* got 100000x32: try 16384x32"),
+    (T, ["data.resolution=20000"], ValueError, r"data\.resolution height and width must be at most 16384 pixels"),
     (T, ["data.resolution=36"], ValueError, r"data\.resolution height and width must be positive multiples of 8"),
     (T, ["data.buckets=true", "data.bucket_step=12"], ValueError, r"data\.bucket_step 12 must be a multiple of 8"),
     # inconsistent options
@@ -209,3 +214,14 @@ def test_credentials_without_a_reachable_server_go_offline_within_seconds(monkey
     assert time.perf_counter() - start < 10
     assert logger is not None and logger._offline
     assert any("not reachable" in r.getMessage() and "wandb sync" in r.getMessage() for r in caplog.records)
+
+
+def test_cpu_threads_values():
+    """null and 0 leave the choice to the task (as before); counts may come as strings from a command line."""
+    from sgm.tasks.threads import check_cpu_threads
+
+    assert check_cpu_threads(None) is None and check_cpu_threads(0) is None
+    assert check_cpu_threads(2) == 2 and check_cpu_threads("3") == 3
+    for bad in (-1, 1.5, True, "two"):
+        with pytest.raises(ValueError, match="cpu_threads must be null"):
+            check_cpu_threads(bad)

@@ -394,3 +394,28 @@ def test_img2img_with_a_16_bit_init_image_and_a_lora_file_runs(tmp_path):
                          "strength=0.5", f"lora.files=['{lora}']", "lora.strengths=[0.5]")
     assert metrics["images"] == 1 and metrics["network_evaluations_per_batch"] == 2  # round(0.5 * 4) steps
     assert (out / "00000.png").is_file() and math.isfinite(metrics["seconds_per_image"])
+
+
+def test_sigterm_stops_sampling_at_once_and_keeps_the_written_images(tmp_path, monkeypatch):
+    """SIGTERM (timeout, kill, a scheduler's preemption) in the second of three batches: the run stops
+    there with exit code 143 (Lightning's own handler only records the signal), the first batch's image
+    stays, and the handler in place before the run is back afterwards."""
+    import signal
+
+    from sgm.engine import DiffusionEngine
+
+    predict_step = DiffusionEngine.predict_step
+
+    def terminated_in_the_second_batch(self, batch, batch_idx=0):
+        if batch_idx == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return predict_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(DiffusionEngine, "predict_step", terminated_in_the_second_batch)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        run_task("sample", ["steps=2", "batch_size=1", "prompts=[one, two, three]", "~logger", "progress=false"],
+                 tmp_path / "run")
+    assert stopped.value.code == 143
+    assert [p.name for p in (tmp_path / "run").glob("0*.png")] == ["00000.png"]
+    assert signal.getsignal(signal.SIGTERM) is before

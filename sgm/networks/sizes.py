@@ -33,8 +33,13 @@ def config_pixel_multiple(model: Any) -> int:
     return level_factor(vae_mult) * level_factor(unet_mult)
 
 
+#: the largest image side (ComfyUI's MAX_RESOLUTION): a 16384-pixel SDXL image is a 2048x2048 latent
+MAX_SIDE = 16384
+
+
 def check_pixel_size(height: Any, width: Any, multiple: int, names: tuple[str, str] = ("H", "W")) -> tuple[int, int]:
-    """``(height, width)`` as ints, or a ValueError that names the parameters and the multiple."""
+    """``(height, width)`` as ints, or a ValueError that names the parameters and the multiple
+    (or the bound, :data:`MAX_SIDE`)."""
     sizes = []
     for name, value in zip(names, (height, width)):
         try:
@@ -45,6 +50,9 @@ def check_pixel_size(height: Any, width: Any, multiple: int, names: tuple[str, s
             raise ValueError(f"{name} must be a whole number of pixels, got {value!r}")
         sizes.append(int(value))
     h, w = sizes
+    if max(h, w) > MAX_SIDE:
+        raise ValueError(f"{names[0]} and {names[1]} must be at most {MAX_SIDE} pixels each (ComfyUI's bound), "
+                         f"got {h}x{w}: try {min(h, MAX_SIDE)}x{min(w, MAX_SIDE)} or smaller")
     if h < multiple or w < multiple or h % multiple or w % multiple:
         raise ValueError(f"{names[0]} and {names[1]} must be positive multiples of {multiple} for this model "
                          f"(the VAE's and the UNet's downsampling), got {h}x{w}: try "

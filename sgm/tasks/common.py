@@ -22,6 +22,7 @@ import sgm
 from ..checkpoint import CheckpointMismatchError, compare_keys, format_mismatch, load_checkpoint, parse_dtype
 from ..networks.sizes import check_size  # noqa: F401 - the tasks' import of it
 from .extras import check_tags
+from .threads import check_cpu_threads
 from .wandb_logger import sweep_run_name
 
 if TYPE_CHECKING:  # the engine is a LightningModule: imported where one is built, not by the checks
@@ -164,8 +165,9 @@ def build_weak_engine(node: Any, weights: Any, main: DiffusionEngine, seed: int 
 
 def apply_runtime_settings(cfg: DictConfig) -> None:
     """Global switches: the attention backend and the number of CPU threads."""
-    if cfg.get("cpu_threads"):
-        torch.set_num_threads(int(cfg.cpu_threads))
+    threads = check_cpu_threads(cfg.get("cpu_threads"))
+    if threads:
+        torch.set_num_threads(threads)
     if cfg.get("attention"):
         from ..networks.attention import set_attention_backend
 

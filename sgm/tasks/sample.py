@@ -35,6 +35,7 @@ from .from_image import rerun_config, select_images
 from .hires import check_hires
 from .sample_numbers import check_numbers
 from .search import refuse_sample_run, search_spec
+from .shutdown import sigterm_stops
 from .threads import choose_threads
 from .wandb_logger import finish_wandb
 
@@ -248,7 +249,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           enable_progress_bar=False)  # the sampler's bar (progress=true) counts the steps
     from ..data.prompt_datamodule import PromptDataModule
 
-    trainer.predict(engine, datamodule=PromptDataModule(plan.jobs, plan.batch_size), return_predictions=False)
+    with sigterm_stops(f"sampling into {plan.out_dir}"):
+        trainer.predict(engine, datamodule=PromptDataModule(plan.jobs, plan.batch_size), return_predictions=False)
     finish_wandb(trainer)
     writer = next((cb for cb in callbacks if hasattr(cb, "metrics")), None)
     return writer.metrics if writer is not None else {}

@@ -14,8 +14,10 @@ from typing import Any
 from ..diffusion._checks import check_finite, check_int
 from ..diffusion.step_index import img2img_start, split_index
 from ..networks.sizes import check_size
+from .threads import check_cpu_threads
 
 MAX_SEED = 2**63 - 1  # torch generators take 64 bits; image k's noise uses seed + k (+ 1, + 2)
+MAX_STEPS = 10_000  # ComfyUI's KSampler bound; a longer schedule is a typo (1e9 steps: a 4 GB schedule)
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,14 @@ def check_numbers(cfg: Any) -> RunNumbers:
     """``seed``, ``steps``, ``batch_size``, ``num_images_per_prompt``, ``grid_columns``, ``H``/``W``
     (multiples the model's VAE and UNet can take), ``strength`` with ``img2img_schedule`` (and an
     init image for strength < 1), ``refiner_switch`` (its range with a refiner, whose size is
-    checked too) and the aesthetic scores; each error names its parameter."""
+    checked too), the aesthetic scores and ``cpu_threads``; each error names its parameter."""
     seed = check_seed(cfg.seed)
     steps = check_int("steps", cfg.steps)
+    if steps > MAX_STEPS:
+        raise ValueError(f"steps must be at most {MAX_STEPS}, got {steps}: a sampler's error stops shrinking "
+                         "long before that (docs/sampler_convergence.md); for a reference solution, give "
+                         "sampler.sample a schedule in code")
+    check_cpu_threads(cfg.get("cpu_threads"))
     batch_size = check_int("batch_size", cfg.batch_size)
     per_prompt = check_int("num_images_per_prompt", cfg.num_images_per_prompt)
     check_int("grid_columns", cfg.grid_columns)

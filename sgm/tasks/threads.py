@@ -51,13 +51,29 @@ def auto_threads(parameters: int) -> int:
     return 1 if parameters < SMALL_MODEL_PARAMETERS else physical_cores()
 
 
+def check_cpu_threads(value: Any) -> int | None:
+    """``cpu_threads``: None for auto (null, or 0 as before), else the count, an integer >= 1."""
+    if value is None or (not isinstance(value, bool) and value in (0, "0")):
+        return None
+    ok = not isinstance(value, bool)
+    try:
+        ok = ok and float(value).is_integer() and int(float(value)) >= 1
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ValueError(f"cpu_threads must be null (the task's own choice: conf/sample.yaml, train.yaml, eval.yaml) "
+                         f"or an integer >= 1, got {value!r}")
+    return int(float(value))
+
+
 def choose_threads(cpu_threads: Any, network: Any) -> int:
     """Set torch's intra-op threads: ``cpu_threads`` when given, else :func:`auto_threads` of
     ``network``'s parameter count. Returns the count set."""
     import torch
 
+    cpu_threads = check_cpu_threads(cpu_threads)
     if cpu_threads:
-        count, why = int(cpu_threads), "cpu_threads"
+        count, why = cpu_threads, "cpu_threads"
     else:
         parameters = sum(p.numel() for p in network.parameters())
         count, why = auto_threads(parameters), f"auto: {parameters / 1e6:.1f}M UNet parameters"
