@@ -52,9 +52,8 @@ def check_numbers(cfg: Any) -> RunNumbers:
     seed = check_seed(cfg.seed)
     steps = check_int("steps", cfg.steps)
     if steps > MAX_STEPS:
-        raise ValueError(f"steps must be at most {MAX_STEPS}, got {steps}: a sampler's error stops shrinking "
-                         "long before that (docs/sampler_convergence.md); for a reference solution, give "
-                         "sampler.sample a schedule in code")
+        raise ValueError(f"steps must be at most {MAX_STEPS} (ComfyUI's bound), got {steps}; for a reference "
+                         "solution with more steps, give sampler.sample a schedule in code")
     check_cpu_threads(cfg.get("cpu_threads"))
     batch_size = check_int("batch_size", cfg.batch_size)
     per_prompt = check_int("num_images_per_prompt", cfg.num_images_per_prompt)

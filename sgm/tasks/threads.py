@@ -15,6 +15,8 @@ import logging
 import os
 from typing import Any
 
+from ..diffusion._checks import check_int
+
 log = logging.getLogger(__name__)
 
 #: OpenMP settings made before torch starts its thread pool (a value already in the environment wins)
@@ -55,15 +57,11 @@ def check_cpu_threads(value: Any) -> int | None:
     """``cpu_threads``: None for auto (null, or 0 as before), else the count, an integer >= 1."""
     if value is None or (not isinstance(value, bool) and value in (0, "0")):
         return None
-    ok = not isinstance(value, bool)
     try:
-        ok = ok and float(value).is_integer() and int(float(value)) >= 1
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        raise ValueError(f"cpu_threads must be null (the task's own choice: conf/sample.yaml, train.yaml, eval.yaml) "
-                         f"or an integer >= 1, got {value!r}")
-    return int(float(value))
+        return check_int("cpu_threads", value)
+    except ValueError:
+        raise ValueError(f"cpu_threads must be null (the task's own choice: conf/sample.yaml, train.yaml, "
+                         f"eval.yaml) or an integer >= 1, got {value!r}") from None
 
 
 def choose_threads(cpu_threads: Any, network: Any) -> int:
