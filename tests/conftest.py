@@ -101,9 +101,10 @@ def compose(config_name: str = "sample", overrides: Sequence[str] = (), hydra: b
 def preserved_globals(log_file: Path | None = None) -> Iterator[None]:
     """Run a task (or a script's ``main``) in-process and put back what it may change globally:
     the Hydra runtime config, torch threads, the forced attention backend, the RNGs, the
-    environment (Lightning's seed variables), the working directory and logging; W&B is torn
+    environment (Lightning's seed and DDP variables), the working directory and logging; W&B is torn
     down as at the end of a process (a run a failure left open finished, every run's files
-    flushed to disk). With ``log_file``, INFO records go there as in a Hydra job."""
+    flushed to disk), and so is a DDP run's process group (Lightning leaves it initialized, and a later
+    DDP run in this process would reuse it). With ``log_file``, INFO records go there as in a Hydra job."""
     from sgm.networks import attention
 
     hydra_cfg = HydraConfig.instance().cfg
@@ -130,6 +131,8 @@ def preserved_globals(log_file: Path | None = None) -> Iterator[None]:
             if wandb.run is not None:
                 wandb.finish()
             wandb.teardown()  # as at the end of `python run.py`: every run's files written, the service stopped
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         os.chdir(cwd)
         if handler is not None:
             root.removeHandler(handler)

@@ -1,26 +1,15 @@
 """run.py end to end (in-process through conftest.run_task): prompts, wildcards, the run folder,
-W&B offline; DDP on two CPU processes through the real script."""
+W&B offline; DDP on two CPU processes through the real script (rank 0 in this process, conftest.run_script;
+Lightning starts rank 1 as ``python run.py ...``)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from conftest import run_script
 from sgm.data.prompts import make_jobs, resolve_wildcards
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_py(*args, timeout=300):
-    """``python run.py ARGS`` as a new process: only for what needs the script itself (DDP)."""
-    env = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-           "HOME": str(Path.home())}
-    res = subprocess.run([sys.executable, "run.py", "progress=false", *args], cwd=ROOT, capture_output=True, text=True,
-                         timeout=timeout, env=env)
-    return res
 
 
 def sample(run_task, out: Path, *overrides: str):
@@ -154,10 +143,11 @@ def test_img2img_from_an_image_file(run_task, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_writes_each_image_once(tmp_path):
+def test_ddp_on_two_cpu_processes_writes_each_image_once(tmp_path, capfd):
     out = tmp_path / "run"
-    res = run_py("trainer=ddp_cpu", "steps=4", "batch_size=2", f"hydra.run.dir={out}")
-    assert res.returncode == 0, res.stderr[-3000:]
+    code = run_script("run.py", ["progress=false", "cpu_threads=1", "trainer=ddp_cpu", "steps=4", "batch_size=2",
+                                 f"hydra.run.dir={out}"])
+    assert code == 0, capfd.readouterr().err[-3000:]
     pngs = sorted(p.name for p in out.glob("0*.png"))
     assert pngs == [f"{i:05d}.png" for i in range(10)]
     metrics = json.loads((out / "metrics.json").read_text())

@@ -1,9 +1,8 @@
 """train.py end to end on the tiny model (in-process through conftest.run_task): full training,
-LoRA, W&B, resume, sampling with the LoRA; DDP and a multirun through the real script."""
+LoRA, W&B, resume, sampling with the LoRA; DDP and a multirun through the real script (its ``__main__`` in
+this process, conftest.run_script; DDP's rank 1 is the process Lightning starts)."""
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +14,7 @@ from safetensors import safe_open
 from conftest import run_script
 from test_run import sample, wandb_records
 
-ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
-
-
-def train_py(*args, timeout=600):
-    """``python train.py ARGS`` as a new process: only for what needs the script itself (DDP, -m)."""
-    env = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-           "HOME": str(Path.home())}
-    flags = [a for a in args if a.startswith("-")]
-    overrides = [a for a in args if not a.startswith("-")]
-    return subprocess.run([sys.executable, "train.py", *flags, "progress=false", "cpu_threads=1", *overrides], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def train(run_task, out: Path, *overrides: str):
@@ -161,11 +149,12 @@ def test_bad_training_input_fails_early(run_task, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_gives_one_folder_and_one_wandb_run(images, base_model, tmp_path):
+def test_ddp_on_two_cpu_processes_gives_one_folder_and_one_wandb_run(images, base_model, tmp_path, capfd):
     out = tmp_path / "run"
-    res = train_py("trainer=ddp_cpu", f"weights.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}",
-                   "trainer.max_steps=4", *COMMON, f"hydra.run.dir={out}")
-    assert res.returncode == 0, res.stderr[-3000:]
+    code = run_script("train.py", ["progress=false", "cpu_threads=1", "trainer=ddp_cpu",
+                                   f"weights.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}",
+                                   "trainer.max_steps=4", *COMMON, f"hydra.run.dir={out}"])
+    assert code == 0, capfd.readouterr().err[-3000:]
     assert (out / "lora.safetensors").is_file()
     assert len(list(out.glob("wandb/offline-run-*"))) == 1
     assert not list(tmp_path.glob("run*/**/rank*"))
@@ -174,7 +163,7 @@ def test_ddp_on_two_cpu_processes_gives_one_folder_and_one_wandb_run(images, bas
 @pytest.mark.slow
 def test_multirun_gives_one_wandb_run_per_job(images, base_model, tmp_path):
     sweep = tmp_path / "sweep"
-    # the script's own __main__ in this process (conftest.run_script), as train_py would start it
+    # the script's own __main__ in this process (conftest.run_script), as `python train.py -m ...` starts it
     code = run_script("train.py", ["-m", "progress=false", "cpu_threads=1", "optimizer.lr=1e-3,2e-3",
                                    f"weights.checkpoint={base_model / 'model.safetensors'}", f"data.root={images}",
                                    "trainer.max_steps=2", *COMMON, f"hydra.sweep.dir={sweep}"])
