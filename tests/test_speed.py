@@ -1,7 +1,11 @@
 """Speed rules that must not change results: CFG scale 1 without the unconditional call, NCHW
-outputs of the spatial transformer, the empty negative prompt without text encoding, fused q/k/v."""
+outputs of the spatial transformer, the empty negative prompt without text encoding, fused q/k/v,
+the prompt's keys, values and CFG batch made once per sampling run (sgm.networks.reuse)."""
 
 from __future__ import annotations
+
+import contextlib
+import gc
 
 import pytest
 import torch
@@ -9,6 +13,9 @@ from hydra.utils import instantiate
 
 from sgm.diffusion.guiders import VanillaCFG
 from sgm.diffusion.samplers import EulerCFGPPSampler
+from sgm.diffusion.samplers import base as sampler_base
+from sgm.networks import reuse
+from sgm.networks.attention import CrossAttention
 from sgm.networks.compile import fuse_self_attention
 from sgm.networks.transformer import BasicTransformerBlock, SpatialTransformer
 from sgm.tasks.common import build_engine
@@ -212,3 +219,63 @@ def test_diffusers_pipeline_on_our_weights_samples_our_latents(compose):
     _, theirs = bd.run_diffusers(pipe, STEPS, 5.0, bd.unit_noise(engine, 2, 32, 32), 32, 32)
     assert ours.std() > 0.1
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4 * float(ours.abs().max()))
+
+
+def _projection_calls(engine) -> tuple[list, list]:
+    """Hooks counting the key projections of the cross-attention layers (those given a context)."""
+    calls: list[int] = []
+    handles = [m.to_k.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[1]))
+               for m in engine.model.diffusion_model.modules() if isinstance(m, CrossAttention)]
+    return calls, handles
+
+
+@pytest.mark.parametrize("guider", ["cfg", "pag"])
+def test_prompt_projections_are_made_once_per_run_with_the_same_latents(tiny, guider, compose, monkeypatch):
+    cfg, _ = tiny
+    engine = build_engine(cfg.model, cfg.weights, seed=5)
+    g = instantiate(compose("sample", ["model=tiny", f"guider={guider}"]).guider)
+    for name, p in engine.model.diffusion_model.named_parameters():  # non-zero outputs of every block
+        if name.endswith("proj_out.weight") or name.endswith("out.2.weight"):
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    calls, handles = _projection_calls(engine)
+    try:
+        z, batches, nfe = _sample(engine, cfg, g)
+        context_calls = [n for n in calls if n == 77]  # the prompt's 77 tokens; self-attention has 64 positions
+        layers = sum(isinstance(m, CrossAttention) for m in engine.model.diffusion_model.modules()) // 2
+        # one per cross-attention layer and distinct conditioning batch (PAG: CFG's pair and the perturbed cond)
+        assert len(context_calls) == layers * (2 if guider == "pag" else 1)
+        if guider == "cfg":  # (PAG's perturbed layers take no self-attention keys)
+            assert len(calls) - len(context_calls) == layers * nfe  # self-attention: every call
+        calls.clear()
+        monkeypatch.setattr(sampler_base, "sampling_run", contextlib.nullcontext)  # each step computes them
+        z_plain, _, _ = _sample(engine, cfg, g)
+        assert len([n for n in calls if n == 77]) == layers * nfe  # one batched call per branch group
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(z, z_plain)  # the same operations on the same inputs
+
+
+def test_reuse_only_inside_a_run_without_gradients_and_forgets_freed_inputs():
+    made: list[int] = []
+
+    def compute():
+        made.append(1)
+        return len(made)
+
+    a = torch.ones(3)
+    assert reuse.reuse("t", (a,), compute) == 1 and reuse.reuse("t", (a,), compute) == 2  # outside a run
+    with reuse.sampling_run():
+        entries = reuse._RUN.get()
+        with torch.no_grad():
+            assert reuse.reuse("t", (a,), compute) == 3
+            assert reuse.reuse("t", (a,), compute) == 3  # same tag, same tensor object
+            assert reuse.reuse("u", (a,), compute) == 4
+            assert reuse.reuse("t", (a.clone(),), compute) == 5  # equal values, another tensor: computed
+            with reuse.sampling_run():  # a nested run shares the outer one's entries
+                assert reuse.reuse("t", (a,), compute) == 3
+        assert reuse.reuse("t", (a,), compute) == 6  # gradients enabled (training): never reused
+        del a
+        gc.collect()
+        assert not [k for k in entries if k[0] == "t"]  # freed input: its entries went with it
+    assert reuse._RUN.get() is None and not entries

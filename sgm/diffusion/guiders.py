@@ -21,6 +21,7 @@ import torch
 
 from ..config import build_part
 from ..networks.patches import OPTIONS_KEY  # the conditioning key that carries a branch's network options
+from ..networks.reuse import reuse
 from ._checks import check_finite, check_positive
 
 
@@ -30,8 +31,8 @@ def _cat_conditionings(uc: dict, c: dict) -> dict:
     for key, value in c.items():
         if key not in uc:
             raise KeyError(f"conditioning key {key!r} is missing from the unconditional conditioning")
-        if isinstance(value, torch.Tensor):
-            out[key] = torch.cat((uc[key], value), 0)
+        if isinstance(value, torch.Tensor):  # made once per sampling run (sgm.networks.reuse)
+            out[key] = reuse("cat", (uc[key], value), lambda u=uc[key], v=value: torch.cat((u, v), 0))
         else:
             if uc[key] != value:
                 raise ValueError(f"non-tensor conditioning {key!r} differs between cond and uc")

@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from ..networks.util import dropout_layer
 from .delta import lora_delta, merge_delta
 from .names import Target, select_targets, text_encoders
 from .spec import LoRASpec
@@ -46,7 +47,7 @@ class LoRAAdapter(nn.Module):
         self.register_buffer("alpha", torch.tensor(float(alpha), device=device, dtype=torch.float32))
         self.rank = int(rank)
         self.scale = float(alpha) / int(rank)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout_layer(dropout)
         if init == "gaussian":
             nn.init.normal_(self.lora_down.weight, std=1.0 / rank)
         else:

@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .reuse import reuse
+from .util import dropout_layer
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("sdpa", "xformers", "math")
@@ -172,7 +175,7 @@ class CrossAttention(nn.Module):
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), dropout_layer(dropout))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 transformer_options: dict | None = None) -> torch.Tensor:
@@ -184,9 +187,11 @@ class CrossAttention(nn.Module):
         if context is None and self.qkv is not None:
             q, k, v = F.linear(x, self.qkv).chunk(3, dim=-1)
             return self.to_out(attention(q, k, v, self.heads, self.backend))
-        context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.backend)
-        return self.to_out(out)
+        if context is None:
+            k, v = self.to_k(x), self.to_v(x)
+        else:  # the prompt's keys and values: the same at every step of a sampling run (sgm.networks.reuse)
+            k, v = reuse(self, (context,), lambda: (self.to_k(context), self.to_v(context)))
+        return self.to_out(attention(self.to_q(x), k, v, self.heads, self.backend))
 
     def fuse_qkv(self) -> None:
         """One [3 * inner, dim] weight for the self-attention projections: a call without context

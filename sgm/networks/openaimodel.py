@@ -21,6 +21,7 @@ from .util import (
     Timestep,
     as_list,
     check_int,
+    dropout_layer,
     ignore_params,
     normalization,
     per_level,
@@ -130,7 +131,7 @@ class ResBlock(TimestepBlock, Checkpointed):
         self.out_layers = nn.Sequential(
             normalization(out_channels),
             nn.SiLU(),
-            nn.Dropout(dropout),
+            dropout_layer(dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         if out_channels == channels:

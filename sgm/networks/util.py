@@ -33,6 +33,12 @@ def normalization(channels: int, eps: float = 1e-5, num_groups: int = 32) -> Gro
     return GroupNorm32(num_groups, channels, eps=eps)
 
 
+def dropout_layer(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or ``nn.Identity`` when ``p`` is 0: the same function, without a dropout call
+    per layer on every forward (29 calls per SDXL-family UNet call). Neither holds weights: keys are unchanged."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def zero_module(module: nn.Module) -> nn.Module:
     """Zero the parameters of ``module`` in place (works on the meta device) and return it."""
     with torch.no_grad():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention, backend_from_config
-from .util import as_list, check_int, normalization
+from .util import as_list, check_int, dropout_layer, normalization
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class ResnetBlock(nn.Module):
         self.norm1 = Normalize(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = Normalize(out_channels)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_layer(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.shortcut_name: str | None = None
         if in_channels != out_channels:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .patches import OPTIONS_KEY, UNetPatch, merge_options
+from .reuse import reuse
 
 
 class OpenAIWrapper(nn.Module):
@@ -35,9 +36,14 @@ class OpenAIWrapper(nn.Module):
         dtype = module_dtype(self.diffusion_model)
         net = self._compiled[0] if self._compiled else self.diffusion_model
         return net(
-            x.to(dtype), timesteps=t, context=None if context is None else context.to(dtype),
-            y=None if y is None else y.to(dtype), **kwargs,
+            x.to(dtype), timesteps=t, context=None if context is None else _cast(context, dtype),
+            y=None if y is None else _cast(y, dtype), **kwargs,
         ).to(x.dtype)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, one cast per sampling run (the conditioning is the same at every step)."""
+    return t if t.dtype == dtype else reuse(("cast", dtype), (t,), lambda: t.to(dtype))
 
 
 def module_dtype(module: nn.Module) -> torch.dtype:

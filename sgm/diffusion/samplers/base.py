@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ...conditioning.prompt_schedule import at_sigma
 from ...config import build_part
+from ...networks.reuse import sampling_run
 from .._checks import check_int
 from ..guiders import Guided, IdentityGuider
 from ..noise import Generators, gaussian_like
@@ -83,7 +84,8 @@ class BaseDiffusionSampler:
         if sigmas.ndim != 1 or len(sigmas) < 2:
             raise ValueError("sigmas must be a 1-D schedule with at least two entries")
         uc = cond if uc is None else uc
-        return self._loop(denoise, x, sigmas.tolist(), cond, uc, generator, callback)
+        with sampling_run():  # the prompt's batches and attention keys made once (sgm.networks.reuse)
+            return self._loop(denoise, x, sigmas.tolist(), cond, uc, generator, callback)
 
     def __call__(self, denoise: DenoiseFn, x: torch.Tensor, cond: dict, uc: dict | None = None,
                  num_steps: int | None = None, generator: Generators = None,
