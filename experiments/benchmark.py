@@ -325,6 +325,7 @@ def section_overhead(args: argparse.Namespace) -> tuple[str, dict]:
     from hydra.utils import instantiate
 
     from sgm.networks.onednn import onednn_context
+    from sgm.networks.reuse import sampling_run
 
     torch.set_num_threads(THREADS)
     snap = cpu_snapshot()
@@ -351,8 +352,8 @@ def section_overhead(args: argparse.Namespace) -> tuple[str, dict]:
 
             onednn = engine.onednn_for(calls[0][0][:batch])  # the replay runs under sampling's oneDNN choice
 
-            def bare():
-                with onednn_context(onednn):
+            def bare():  # in a sampling run, as the calls were made (the prompt's keys reused: sgm.networks.reuse)
+                with onednn_context(onednn), sampling_run():
                     for x_in, t, c in calls:
                         engine.model(x_in, t, c)
 
@@ -438,7 +439,9 @@ def section_overhead(args: argparse.Namespace) -> tuple[str, dict]:
           f"under `torch.inference_mode()`, divided by {steps}. **bare**: the {steps} "
           f"`engine.model(x_in, t, c)` calls (the OpenAIWrapper around the UNet) that this run made, replayed "
           f"with the same batched inputs (CFG doubles the batch: *UNet batch*), under `torch.inference_mode()` and "
-          f"the oneDNN setting sampling chose (`cpu_onednn: auto`: off for batch 1 at 32x32). "
+          f"the oneDNN setting sampling chose (`cpu_onednn: auto`: off for batch 1 at 32x32), inside one "
+          f"`sgm.networks.reuse.sampling_run()` like the sampler's calls (the prompt's keys and values made "
+          f"once). "
           f"Median of {repeats} runs each, sampling and bare runs interleaved, after one warm-up. "
           f"**overhead** = (sampling - bare) / bare; *paired* is the median of the per-repeat ratios; "
           f"*bare spread* = (max - min) / median of the bare runs, the run-to-run noise of one measurement "

@@ -215,6 +215,7 @@ def section_cpu_vs_diffusers(args: argparse.Namespace) -> tuple[str, dict]:
     fw = max(c["framework_ours"] for c in raw["cases"])
     md = [f"Reproduce: `python experiments/benchmark.py --sections cpu_vs_diffusers --threads {bm.THREADS} "
           f"--steps {steps} --repeats {repeats} --sdxl-unet-repeats {args.sdxl_unet_repeats} "
+          f"--sdxl-unet-dtype {args.sdxl_unet_dtype} --sdxl-unet-latent {args.sdxl_unet_latent} "
           f"--out docs/benchmarks.md` (this run: {(time.perf_counter() - t_start) / 60:.0f} minutes, most of it the "
           f"SDXL UNet).", "",
           f"Machine: {bm.machine_line()}. Other processes used {busy * 100:.0f}% of the machine's CPU time during "
