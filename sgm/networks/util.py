@@ -35,7 +35,7 @@ def normalization(channels: int, eps: float = 1e-5, num_groups: int = 32) -> Gro
 
 def dropout_layer(p: float) -> nn.Module:
     """``nn.Dropout(p)``, or ``nn.Identity`` when ``p`` is 0: the same function, without a dropout call
-    per layer on every forward (29 calls per SDXL-family UNet call). Neither holds weights: keys are unchanged."""
+    per layer on every forward (29 per call of the tiny UNet). Neither holds weights: keys are unchanged."""
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
