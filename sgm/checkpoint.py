@@ -24,6 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .data.paths import existing_file
+
 log = logging.getLogger(__name__)
 
 # keys a file may have that the model need not (computed or version-dependent buffers)
@@ -95,9 +97,7 @@ def open_state_dict(path: str | os.PathLike, stream: bool = False
     Safetensors tensors are views of a memory map (weights become resident on first use, shared
     with the page cache) unless ``stream``: then each is read into its own buffer, which is what
     a cast-while-loading wants (peak = the cast copy plus one tensor)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    path = existing_file(path, "checkpoint", "checkpoint file")
     if path.suffix == ".safetensors":
         try:
             f = safe_open(str(path), framework="pt", device="cpu")

@@ -123,7 +123,12 @@ CASES = [
     (S, ["lora.files=[{text_as_lora}]"], Exception, r"lora\.files\[0\] '.*notes\.safetensors' is not a safetensors"),
     (S, ["init_image=/nonexistent.png", "strength=0.5"], FileNotFoundError, r"init_image '/nonexistent\.png'"),
     (S, ["init_image={corrupt_png}", "strength=0.5"], ValueError, r"init_image '.*corrupt\.png' is not a readable"),
-    (S, ["prompt_file=/nonexistent/prompts.txt"], FileNotFoundError, r"prompt_file"),
+    (S, ["prompt_file=/nonexistent/prompts.txt"], FileNotFoundError, r"prompt_file '/nonexistent/prompts\.txt' does not"),
+    # a folder where a file belongs is called a folder, not missing (sgm.data.paths.existing_file)
+    (S, ["prompt_file={ckpt_dir}"], IsADirectoryError, r"prompt_file '.*ckpt_dir' is a directory, not a text file"),
+    (S, ["from_image={ckpt_dir}"], IsADirectoryError, r"from_image '.*ckpt_dir' is a directory, not a PNG file"),
+    (S, ["init_image={ckpt_dir}", "strength=0.5"], IsADirectoryError, r"init_image '.*ckpt_dir' is a directory"),
+    (T, ["resume={ckpt_dir}"], IsADirectoryError, r"resume checkpoint '.*ckpt_dir' is a directory, not a checkpoint"),
     (S, ["from_image=/nonexistent.png"], FileNotFoundError, r"from_image '/nonexistent\.png' does not exist"),
     (S, ["from_image={corrupt_png}"], ValueError, r"from_image '.*corrupt\.png' is not a readable image"),
     (S, ["images=[10]"], ValueError, r"images: 10 is not the index of one of the run's 10 images"),

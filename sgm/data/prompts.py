@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 from torch.utils.data import DataLoader, Dataset
 
+from .paths import existing_file
+
 WILDCARD = re.compile(r"__([A-Za-z0-9_\-/]+)__")
 
 
@@ -31,9 +33,7 @@ def _lines(text: str) -> list[str]:
 
 def read_prompt_file(path: str | Path) -> list[str]:
     """One prompt per non-empty line of a UTF-8 text file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt_file {str(path)!r} does not exist")
+    path = existing_file(path, "prompt_file", "text file", ": give a text file with one prompt per line")
     prompts = _lines(read_text(path, "prompt_file"))
     if not prompts:
         raise ValueError(f"prompt_file {str(path)!r} has no prompts (one per line)")

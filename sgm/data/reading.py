@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .paths import existing_file
+
 #: EXIF orientations that swap width and height (the transposing and 90-degree ones).
 SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 _ORIENTATION_TAG = 0x0112
@@ -109,12 +111,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def image_file(path: str | os.PathLike[str], what: str) -> Path:
     """``path`` as a :class:`~pathlib.Path` to an existing file; errors name the parameter ``what``."""
-    path = Path(str(path))
-    if path.is_dir():
-        raise IsADirectoryError(f"{what} {str(path)!r} is a directory, not an image file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
-    return path
+    return existing_file(path, what, "image file")
 
 
 def read_image(path: str | os.PathLike[str], at_least: tuple[int, int] | None = None) -> Image.Image:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.paths import existing_file
 from .delta import lora_delta, merge_delta
 from .layers import lora_network
 from .names import Target, all_targets, diffusers_unet_names, kohya_name, text_encoders, unet_of
@@ -127,9 +128,7 @@ def save_lora(engine: nn.Module, path: str | os.PathLike, metadata: dict[str, An
 
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a ``.safetensors`` file (``.pt``/``.ckpt``/``.bin``: ``torch.load(weights_only=True)``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {str(path)!r} does not exist")
+    path = existing_file(path, "LoRA file", "LoRA file", directory_error=LoRAFileError)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -438,11 +437,7 @@ def check_lora_file(path: str | os.PathLike, what: str = "LoRA file") -> str:
     file, and every tensor must be a plain LoRA tensor (``lora_down``/``lora_up``/``alpha``, or
     PEFT ``lora_A``/``lora_B``) of a known naming. Whether its modules exist in the model is
     :func:`resolve_lora`'s check, once the model is built. Errors name ``what`` and the file."""
-    path = Path(path)
-    if path.is_dir():
-        raise LoRAFileError(f"{what} {str(path)!r} is a directory, not a LoRA file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    path = existing_file(path, what, "LoRA file", directory_error=LoRAFileError)
     try:
         if path.suffix == ".safetensors":
             header, metadata = read_safetensors_header(path, what)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 import sgm
 
 from ..checkpoint import CheckpointMismatchError, compare_keys, format_mismatch, load_checkpoint, parse_dtype
+from ..data.paths import existing_file
 from ..networks.sizes import check_size  # noqa: F401 - the tasks' import of it
 from .extras import check_tags
 from .threads import check_cpu_threads
@@ -56,11 +57,7 @@ def check_weights(weights: Any, what: str = "model") -> Path | None:
             raise ValueError(f"the {what} config expects a checkpoint: set {prefix}.checkpoint=PATH "
                              f"(or {prefix}.random=true for seeded random weights)")
         return None
-    path = Path(str(checkpoint))
-    if path.is_dir():
-        raise IsADirectoryError(f"{prefix}.checkpoint {str(path)!r} is a directory, not a checkpoint file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{prefix}.checkpoint {str(path)!r} does not exist")
+    path = existing_file(checkpoint, f"{prefix}.checkpoint", "checkpoint file")
     parse_dtype(weights.get("dtype"))
     return path
 

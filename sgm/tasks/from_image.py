@@ -24,6 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ..data.paths import existing_file
 from .a1111 import parse_parameters
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,7 @@ def read_png_text(path: Path) -> dict[str, str]:
     """The text chunks of ``from_image``; errors name the parameter."""
     from PIL import Image, UnidentifiedImageError
 
-    if not path.is_file():
-        raise FileNotFoundError(f"from_image {str(path)!r} does not exist (give a PNG written by run.py)")
+    existing_file(path, "from_image", "PNG file", " (give a PNG written by run.py)")
     try:
         with Image.open(path) as im:
             im.load()

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from ..data.paths import existing_file
+
 log = logging.getLogger(__name__)
 
 CONFIG_HASH_KEY = "sgm_config_hash"
@@ -167,9 +169,7 @@ def find_resume(resume: Any, out_dir: Path, identity: RunIdentity | None = None,
     if resume in (None, "", "null", "None"):
         return None
     if str(resume) != "auto":
-        path = Path(str(resume))
-        if not path.is_file():
-            raise FileNotFoundError(f"resume checkpoint {str(resume)!r} does not exist (or use resume=auto)")
+        path = existing_file(resume, "resume checkpoint", "checkpoint file", " (or use resume=auto)")
         try:
             point = read_resume_point(path)
         except DamagedCheckpoint as exc:
