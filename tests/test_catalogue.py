@@ -128,6 +128,7 @@ CASES = [
     (S, ["prompt_file={ckpt_dir}"], IsADirectoryError, r"prompt_file '.*ckpt_dir' is a directory, not a text file"),
     (S, ["from_image={ckpt_dir}"], IsADirectoryError, r"from_image '.*ckpt_dir' is a directory, not a PNG file"),
     (S, ["init_image={ckpt_dir}", "strength=0.5"], IsADirectoryError, r"init_image '.*ckpt_dir' is a directory"),
+    (S, ["embeddings_dir={corrupt_png}"], NotADirectoryError, r"embeddings_dir '.*corrupt\.png' is a file, not a folder"),
     (T, ["resume={ckpt_dir}"], IsADirectoryError, r"resume checkpoint '.*ckpt_dir' is a directory, not a checkpoint"),
     (S, ["from_image=/nonexistent.png"], FileNotFoundError, r"from_image '/nonexistent\.png' does not exist"),
     (S, ["from_image={corrupt_png}"], ValueError, r"from_image '.*corrupt\.png' is not a readable image"),

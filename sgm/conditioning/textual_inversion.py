@@ -23,8 +23,12 @@ COMFY_REFERENCE = re.compile(r"embedding:([\w.\-]+)", re.I)
 
 
 def available(directory: str | Path | None) -> dict[str, Path]:
-    """{stem: path} of the ``*.safetensors`` files in ``directory`` (none when it is unset or missing)."""
+    """{stem: path} of the ``*.safetensors`` files in ``directory`` (none when it is unset or missing: the
+    default ``embeddings`` folder need not exist); a file given as the folder is an error."""
     if directory is None or not Path(directory).is_dir():
+        if directory is not None and Path(directory).exists():
+            raise NotADirectoryError(f"embeddings_dir {str(directory)!r} is a file, not a folder: give the folder "
+                                     "that holds the NAME.safetensors embeddings (or leave it unset)")
         return {}
     return {p.stem: p for p in sorted(Path(directory).glob("*.safetensors")) if p.is_file()}
 
