@@ -99,6 +99,14 @@ CASES = [
     (T, ["lora.rank=0"], ValueError, r"lora\.rank must be >= 1, got 0"),
     (T, ["lora.dropout=1.5"], ValueError, r"lora\.dropout must be in \[0, 1\)"),
     (T, ["data.batch_size=0"], ValueError, r"data\.batch_size must be an integer >= 1"),
+    (T, ["gradient_checkpointing=maybe"], ValueError, r"gradient_checkpointing must be true or false, got 'maybe'"),
+    (T, ["validation.seeds=[]"], ValueError, r"validation\.seeds is empty: give at least one seed"),
+    (T, ["validation.seeds=[-1]"], ValueError, r"validation\.seeds\[0\] must be an integer >= 0"),
+    # the final file: inside the run folder, a safetensors name, a dtype it can take (not found after training)
+    (T, ["output_name=../../x.safetensors"], ValueError, r"output_name must be a file name .* written in the run"),
+    (T, ["output_name=x.txt"], ValueError, r"output_name 'x\.txt' must end in \.safetensors"),
+    (T, ["~lora", "save_dtype=int8"], ValueError, r"save_dtype: unknown dtype 'int8'"),
+    (T, ["save_dtype=float16"], ValueError, r"save_dtype=float16 sets the dtype of a full-training checkpoint"),
     # sizes the network cannot take (one rule: VAE factor x UNet downsampling)
     (S, ["H=36"], ValueError, r"H and W must be positive multiples of 8 .* got 36x32: try 32x32"),
     (S, ["W=4"], ValueError, r"H and W must be positive multiples of 8"),
@@ -220,6 +228,15 @@ def test_credentials_without_a_reachable_server_go_offline_within_seconds(monkey
     assert time.perf_counter() - start < 10
     assert logger is not None and logger._offline
     assert any("not reachable" in r.getMessage() and "wandb sync" in r.getMessage() for r in caplog.records)
+
+
+def test_validation_seeds_may_be_empty_only_when_nothing_is_sampled():
+    from sgm.tasks.train import check_validation_seeds
+
+    assert check_validation_seeds([], samples=False) == [] and check_validation_seeds([3, 0], samples=True) == [3, 0]
+    assert check_validation_seeds(7, samples=True) == [7]
+    with pytest.raises(ValueError, match="validation.seeds is empty"):
+        check_validation_seeds(None, samples=True)
 
 
 def test_cpu_threads_values():

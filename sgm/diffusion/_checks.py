@@ -31,6 +31,14 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False, allow_inf
     return out
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a bool (YAML's true/false), or raise naming ``name`` (a string such as
+    ``maybe`` or ``0`` would otherwise read as a truth value)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
 def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
     """Return ``value`` as an int >= ``minimum``, or raise naming ``name``."""
     ok = not isinstance(value, bool)

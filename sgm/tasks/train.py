@@ -22,7 +22,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from ..diffusion._checks import check_finite, check_int, check_positive
+from ..checkpoint import parse_dtype
+from ..diffusion._checks import check_bool, check_finite, check_int, check_positive
 from ..engine import DiffusionEngine
 from ..lora.spec import LoRASpec
 from ..networks.sizes import config_pixel_multiple
@@ -82,7 +83,13 @@ def check_train_config(cfg: DictConfig) -> tuple[int, LoRASpec | None]:
     check_int("keep_checkpoints", cfg.keep_checkpoints, minimum=-1)
     check_int("validation.every_n_steps", cfg.validation.every_n_steps, minimum=0)
     check_int("validation.sample_every_n_steps", cfg.validation.sample_every_n_steps, minimum=0)
+    for key in ("gradient_checkpointing", "cache_latents", "validation.sample_at_first"):
+        check_bool(key, OmegaConf.select(cfg, key, default=False))
+    samples = bool(cfg.validation.get("prompts")) and (cfg.validation.sample_every_n_steps > 0
+                                                        or cfg.validation.get("sample_at_first", False))
+    check_validation_seeds(cfg.validation.get("seeds"), samples)
     spec = lora_spec(cfg.get("lora"))
+    check_output(cfg.get("output_name"), cfg.get("save_dtype"), lora=spec is not None)
     if cfg.get("cache_latents"):
         if spec is not None and spec.train_text_encoders:
             raise ValueError("cache_latents=true caches the text encoders' outputs, so their LoRA "
@@ -90,6 +97,36 @@ def check_train_config(cfg: DictConfig) -> tuple[int, LoRASpec | None]:
         if not cfg.data.get("cache_dir"):
             raise ValueError("cache_latents=true needs data.cache_dir=DIR, the folder that keeps the encodings")
     return multiple, spec
+
+
+def check_validation_seeds(seeds: Any, samples: bool) -> list[int]:
+    """``validation.seeds``: integers >= 0, each validation prompt sampled once per seed; one at least when the run
+    ``samples`` (validation prompts and sample_every_n_steps or sample_at_first)."""
+    values = [] if seeds is None else list(seeds) if isinstance(seeds, (list, tuple, ListConfig)) else [seeds]
+    if samples and not values:
+        raise ValueError("validation.seeds is empty: give at least one seed, e.g. validation.seeds=[0] (to sample no "
+                         "images, set validation.sample_every_n_steps=0 validation.sample_at_first=false)")
+    return [check_int(f"validation.seeds[{i}]", s, minimum=0) for i, s in enumerate(values)]
+
+
+def check_output(name: Any, save_dtype: Any, lora: bool) -> None:
+    """``output_name``: a ``.safetensors`` file name, written in the run folder (no folder of its own, so the final
+    file cannot land outside the run); ``save_dtype``: a dtype name, set only for full training (a LoRA file keeps
+    the trained dtype), so that a bad value fails now and not after the last training step."""
+    text = str(name or "")
+    if not text or Path(text).name != text or text in (".", ".."):
+        raise ValueError(f"output_name must be a file name such as lora.safetensors, got {name!r}: the file is "
+                         "written in the run folder (choose that with hydra.run.dir=DIR)")
+    if not text.lower().endswith(".safetensors"):
+        raise ValueError(f"output_name {text!r} must end in .safetensors: the final weights are a safetensors file, "
+                         "and diffusers, ComfyUI and kohya's tools pick the reader by that suffix")
+    try:
+        parse_dtype(save_dtype)
+    except ValueError as exc:
+        raise ValueError(f"save_dtype: {exc}") from None
+    if lora and save_dtype is not None:
+        raise ValueError(f"save_dtype={save_dtype} sets the dtype of a full-training checkpoint (~lora); a LoRA file "
+                         "keeps the dtype its adapters trained in: remove save_dtype, or train the whole UNet with ~lora")
 
 
 @contextlib.contextmanager

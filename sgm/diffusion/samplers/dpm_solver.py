@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .._checks import check_finite, check_int, check_positive
+from .._checks import check_bool, check_finite, check_int, check_positive
 from .base import BaseDiffusionSampler, get_ancestral_step
 
 log = logging.getLogger(__name__)
@@ -137,9 +137,7 @@ class DPMSolverSampler(BaseDiffusionSampler):
         super().__init__(discretization, num_steps, guider, **kwargs)
         self.eta = check_positive("eta", eta, allow_zero=True)
         self.s_noise = check_positive("s_noise", s_noise, allow_zero=True)
-        if not isinstance(denoise_to_zero, bool):
-            raise ValueError(f"denoise_to_zero must be true or false, got {denoise_to_zero!r}")
-        self.denoise_to_zero = denoise_to_zero
+        self.denoise_to_zero = check_bool("denoise_to_zero", denoise_to_zero)
 
     def interval(self, sigmas: Sequence[float]) -> tuple[float, float, bool]:
         """(lambda_start, lambda_end, final): -log of sigmas[0] and of the smallest nonzero sigma,
