@@ -99,6 +99,8 @@ CASES = [
     (T, ["lora.rank=0"], ValueError, r"lora\.rank must be >= 1, got 0"),
     (T, ["lora.dropout=1.5"], ValueError, r"lora\.dropout must be in \[0, 1\)"),
     (T, ["data.batch_size=0"], ValueError, r"data\.batch_size must be an integer >= 1"),
+    (T, ["data.caption_ext=txt"], ValueError, r"data\.caption_ext must be a file suffix with its dot, such as \.txt"),
+    (T, ["data.flip=maybe"], ValueError, r"data\.flip must be true or false, got 'maybe'"),
     (T, ["gradient_checkpointing=maybe"], ValueError, r"gradient_checkpointing must be true or false, got 'maybe'"),
     (T, ["validation.seeds=[]"], ValueError, r"validation\.seeds is empty: give at least one seed"),
     (T, ["validation.seeds=[-1]"], ValueError, r"validation\.seeds\[0\] must be an integer >= 0"),

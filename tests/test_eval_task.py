@@ -161,6 +161,8 @@ def test_bad_input_is_named_before_any_metric_is_built(run_task, digits, tmp_pat
     mixed = write_digits(tmp_path / "mixed", *digits)
     Image.fromarray(np.zeros((40, 32, 3), np.uint8)).save(mixed / "d05.png")
     fails(r"the images differ in size \(d00.png 32x32, d05.png 32x40\)", f"images={mixed}")
+    fails(r"caption_ext must be a file suffix with its dot, such as \.txt .* got 'txt'",
+          f"images={write_digits(tmp_path / 'suffix', *digits)}", "caption_ext=txt")
     bare = write_digits(tmp_path / "bare", *digits, how="none")
     # clip_score has no checkpoint either: the prompts are checked first, before its weights
     fails(r"metrics clip_score judge images against their prompts, but 12 of 12 images have none \(first: .*d00.png\)",

@@ -28,6 +28,17 @@ def read_metadata(root: Path, name: str | None) -> dict[Path, dict]:
     return out
 
 
+def check_caption_ext(value: Any, what: str = "caption_ext") -> str | None:
+    """``caption_ext``: a file suffix with its dot (``.txt``, ``.caption``), or null/empty for no sidecar captions."""
+    if value is None or value == "":
+        return None
+    text = str(value)
+    if not isinstance(value, str) or not text.startswith(".") or len(text) < 2 or "/" in text or "\\" in text:
+        raise ValueError(f"{what} must be a file suffix with its dot, such as .txt (or null for no caption files), "
+                         f"got {value!r}")
+    return text
+
+
 def find_caption(image: Path, caption_ext: str | None, row: Mapping[str, Any]) -> str | None:
     """The caption of ``image``: its sidecar (``image`` with suffix ``caption_ext``), else the
     ``text`` (or ``caption``) of its metadata ``row``, stripped; None when it has neither."""

@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..diffusion._checks import check_int
+from ..diffusion._checks import check_bool, check_int
 from ..networks.sizes import check_pixel_size
 from . import cache as _cache
 from .buckets import BucketBatchSampler, assign_bucket, dist_rank_world, make_buckets
+from .captions import check_caption_ext
 from .dataset import ImageDataset, collate
 from .loader import ResumableDataLoader
 from .records import ImageRecord, scan_folder, split_records
@@ -146,6 +147,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                              f"folder), got {val_fraction}")
         if val_fraction and val_root:
             raise ValueError("val_fraction and val_root are both set: give one of them")
+        for name, flag in (("buckets", buckets), ("random_crop", random_crop), ("flip", flip), ("shuffle", shuffle),
+                           ("drop_last", drop_last), ("full_check", full_check), ("pin_memory", pin_memory)):
+            check_bool(name, flag)  # a string such as "no" would read as true
+        caption_ext = check_caption_ext(caption_ext)
         batch_size = check_int("batch_size", batch_size)
         val_batch_size = None if val_batch_size is None else check_int("val_batch_size", val_batch_size)
         num_workers = check_int("num_workers", num_workers, minimum=0)

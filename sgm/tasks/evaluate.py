@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
 
-from ..data.captions import find_caption, read_metadata
+from ..data.captions import check_caption_ext, find_caption, read_metadata
 from ..data.reading import SkipImage, image_to_tensor, inspect_image, read_image
 from ..data.records import find_images
 from ..metrics.collection import metrics_needing_prompts
@@ -96,7 +96,7 @@ def validate(cfg: DictConfig) -> EvalPlan:
         raise ValueError(f"images={str(cfg.images)!r} holds no image (.png/.jpg/.jpeg/.webp/.bmp, searched "
                          "recursively)")
     check_images(files, f"images={str(cfg.images)!r}")
-    caption_ext = cfg.get("caption_ext")
+    caption_ext = check_caption_ext(cfg.get("caption_ext"))
     rows = read_metadata(source.resolve(), cfg.get("metadata"))
     prompts = [image_prompt(f, caption_ext, rows.get(f.resolve(), {})) for f in files]
     need = metrics_needing_prompts(cfg.get("metrics"))
