@@ -65,6 +65,8 @@ def files(tmp_path_factory) -> dict[str, str]:
     out["lora"] = str(root / "ok.safetensors")
     (root / "latin1.txt").write_bytes("a digit\ncaf\xe9\n".encode("latin-1"))
     out["latin1"] = str(root / "latin1.txt")
+    (root / "utf16.txt").write_bytes("a digit\n".encode("utf-16-le"))  # no BOM: valid UTF-8, with NUL bytes
+    out["utf16"] = str(root / "utf16.txt")
     (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     out["corrupt_png"] = str(root / "corrupt.png")
     wc = root / "wildcards"
@@ -144,6 +146,8 @@ CASES = [
     (S, ["from_image={corrupt_png}"], ValueError, r"from_image '.*corrupt\.png' is not a readable image"),
     (S, ["images=[10]"], ValueError, r"images: 10 is not the index of one of the run's 10 images"),
     (S, ["model.first_stage.tiled_mode=seamless"], ValueError, r"model\.first_stage\.tiled_mode must be one of"),
+    (S, ["prompt_file={model_as_lora}"], ValueError, r"prompt_file '.*model\.safetensors' is not text: byte 1 \(line 1\)"),
+    (S, ["prompt_file={utf16}"], ValueError, r"prompt_file '.*utf16\.txt' is not text: .* NUL byte, as in a binary or UTF-16"),
     (S, ["prompt_file={latin1}"], ValueError, r"prompt_file '.*latin1\.txt' is not UTF-8 text: byte \d+"),
     # models that expect weights
     (S, ["model=sdxl_base"], ValueError, r"expects a checkpoint: set weights\.checkpoint=PATH"),

@@ -16,15 +16,21 @@ WILDCARD = re.compile(r"__([A-Za-z0-9_\-/]+)__")
 
 
 def read_text(path: Path, what: str) -> str:
-    """A UTF-8 text file (a leading BOM dropped); a file in another encoding is an error naming
-    ``what``, the file and the first byte that is not UTF-8."""
+    """A UTF-8 text file (a leading BOM dropped); a file in another encoding, or a binary one (a NUL byte:
+    no text holds one, UTF-16 text does), is an error naming ``what``, the file and the first bad byte."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8").removeprefix("\ufeff")
+        text = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ValueError(f"{what} {str(path)!r} is not UTF-8 text: byte {exc.start} (line {line}, "
                          f"0x{data[exc.start]:02x}) cannot be decoded ({exc.reason}); save the file as UTF-8") from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise ValueError(f"{what} {str(path)!r} is not text: byte {nul} (line {line}) is a NUL byte, as in a binary "
+                         "or UTF-16 file; give a text file saved as UTF-8")
+    return text
 
 
 def _lines(text: str) -> list[str]:
