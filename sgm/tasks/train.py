@@ -82,11 +82,10 @@ def check_train_config(cfg: DictConfig) -> tuple[int, LoRASpec | None]:
     check_int("checkpoint_every_n_steps", cfg.checkpoint_every_n_steps)
     check_int("keep_checkpoints", cfg.keep_checkpoints, minimum=-1)
     check_int("validation.every_n_steps", cfg.validation.every_n_steps, minimum=0)
-    check_int("validation.sample_every_n_steps", cfg.validation.sample_every_n_steps, minimum=0)
-    for key in ("gradient_checkpointing", "cache_latents", "validation.sample_at_first"):
-        check_bool(key, OmegaConf.select(cfg, key, default=False))
-    samples = bool(cfg.validation.get("prompts")) and (cfg.validation.sample_every_n_steps > 0
-                                                        or cfg.validation.get("sample_at_first", False))
+    every = check_int("validation.sample_every_n_steps", cfg.validation.sample_every_n_steps, minimum=0)
+    flags = {key: check_bool(key, OmegaConf.select(cfg, key, default=False))
+             for key in ("gradient_checkpointing", "cache_latents", "validation.sample_at_first")}
+    samples = bool(cfg.validation.get("prompts")) and (every > 0 or flags["validation.sample_at_first"])
     check_validation_seeds(cfg.validation.get("seeds"), samples)
     spec = lora_spec(cfg.get("lora"))
     check_output(cfg.get("output_name"), cfg.get("save_dtype"), lora=spec is not None)
