@@ -113,7 +113,7 @@ def check_output(name: Any, save_dtype: Any, lora: bool) -> None:
     file cannot land outside the run); ``save_dtype``: a dtype name, set only for full training (a LoRA file keeps
     the trained dtype), so that a bad value fails now and not after the last training step."""
     text = str(name or "")
-    if not text or Path(text).name != text or text in (".", ".."):
+    if not text or Path(text).name != text:  # "." has no name; ".." fails the suffix rule below
         raise ValueError(f"output_name must be a file name such as lora.safetensors, got {name!r}: the file is "
                          "written in the run folder (choose that with hydra.run.dir=DIR)")
     if not text.lower().endswith(".safetensors"):
